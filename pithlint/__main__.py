@@ -1,0 +1,3 @@
+from pithlint.cli import main
+
+main()

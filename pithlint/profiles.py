@@ -1,0 +1,289 @@
+"""Protocol profiles: every protocol name a rule needs, one data object per era.
+
+Rules never spell a protocol name themselves; they read it from the active profile, so the
+same rule checks a seed-era (v1) repository and a current upstream (v2) one. The keys follow
+section 3.3 of the protocol-v2 notes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StageSignature:
+    """A method's required positional parameters (after ``self``), in order.
+
+    ``optional`` names parameters that must follow, in this order, with defaults; further
+    trailing parameters with defaults are allowed.
+    """
+
+    method: str
+    required: tuple[str, ...]
+    optional: tuple[tuple[str, str], ...] = ()  # (name, default source)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    # 1. stage method names
+    stage1: str
+    stage1_compute: str
+    stage3: str
+    stage5: str
+    reference: str
+    signatures: tuple[StageSignature, ...]
+    # 2. compiled regions: methods of the layer class, and of the router class
+    layer_hot_regions: tuple[str, ...]
+    router_hot_regions: tuple[str, ...]
+    router_hot_regions_optional: tuple[str, ...]
+    # 3. model-forward contract
+    model_forward_style: str  # "hand_rolled_record_copy" | "delegate"
+    model_forward_delegates: tuple[str, ...]
+    model_backward_required: bool
+    record_container_attr: str  # where the model finds its records
+    # 4. import origins (fully qualified)
+    layer_partition: str
+    dispatch_helper: str
+    padded_index_gather: str
+    scatter_for_grouped_gemm: str
+    linear_factories: tuple[str, ...]
+    grouped_linear_classes: tuple[str, ...]
+    attention_kernel_wrappers: tuple[str, ...]
+    raw_attention_kernels: tuple[str, ...]
+    run_backward: str
+    record_types: tuple[str, ...]
+    # 5. model constructor and stage attributes
+    model_init_params: tuple[str, ...]
+    stage_index_attrs: tuple[str, ...]
+    stage_count_attrs: tuple[str, ...]
+    # 6. parallelism source and rejection idiom
+    group_params: tuple[str, ...]
+    cp_rejection: str  # a human-readable idiom for messages
+    cp_consumers: tuple[str, ...]
+    # 7. MoE detection and the attributes the engine reads from the MoE block
+    moe_marker_attr: str
+    moe_required_attrs: tuple[tuple[str, ...], ...]  # each entry: accepted spellings
+    # 8. router conventions
+    router_attr_names: tuple[str, ...]
+    router_required_attrs: tuple[str, ...]
+    router_api: str  # "compute+forward" | "forward3"
+    lb_injector: str
+    lb_tracker: str
+    lb_requires_training: bool
+    allow_in_graph_in_model: bool
+    # 9. shared experts
+    shared_expert_names: tuple[str, ...]
+    # 10. per-forward state
+    per_forward_attrs: tuple[str, ...]
+    posemb_args: tuple[str, ...]
+    # 11. rule toggles by era
+    disabled_rules: frozenset[str]
+    # 12. cross-file locations (relative to the project root)
+    models_dir: str
+    harness: str
+    training_module: str
+    examples_dir: str
+    converter: str
+    token_scatter_module: str
+    fsdp_method_registration: str
+    # 13. allowlists
+    hf_class_allowlist: tuple[str, ...]
+    # 14. grammar: libcst's native parser handles 3.10+ syntax for both eras
+
+
+_V1_SIGNATURES = (
+    StageSignature("forward_attn", ("hidden_states",)),
+    StageSignature(
+        "forward_mlp",
+        ("gathered_tokens",),
+        (("expert_idxs", "None"), ("expand_idx", "None")),
+    ),
+    StageSignature(
+        "forward_aggregate", ("moe_outs", "moe_local_idxs", "topk_weight", "residual")
+    ),
+    StageSignature("reference_forward", ("hidden_states",)),
+)
+
+_V2_SIGNATURES = (
+    StageSignature("forward_stage1", ("hidden_states", "rotary_posemb"), (("cu_seqlens", "None"),)),
+    StageSignature(
+        "forward_stage3",
+        ("gathered_tokens",),
+        (("expert_idxs", "None"), ("expand_idx", "None")),
+    ),
+    StageSignature(
+        "forward_stage5", ("moe_outs", "moe_local_idxs", "topk_weight", "residual")
+    ),
+    # The engine calls the reference path itself, so cu_seqlens is optional here.
+    StageSignature("reference_forward", ("hidden_states", "rotary_posemb")),
+)
+
+_SHARED_EXPERT_NAMES = ("shared_experts", "shared_expert", "shared_expert_gate", "shared_out")
+
+V1 = Profile(
+    name="v1",
+    stage1="forward_attn",
+    stage1_compute="_forward_attn_compute",
+    stage3="forward_mlp",
+    stage5="forward_aggregate",
+    reference="reference_forward",
+    signatures=_V1_SIGNATURES,
+    layer_hot_regions=("_forward_attn_compute", "forward_aggregate"),
+    router_hot_regions=("compute",),
+    router_hot_regions_optional=(),
+    model_forward_style="hand_rolled_record_copy",
+    model_forward_delegates=(),
+    model_backward_required=True,
+    record_container_attr="_intermediate_tensors",
+    layer_partition="pithtrain.dualpipe.layer_partition.layer_partition",
+    dispatch_helper="pithtrain.operators.ep_dispatch.moe_ep_prepare_dispatch",
+    padded_index_gather="pithtrain.operators.token_scatter.padded_index_gather",
+    scatter_for_grouped_gemm="pithtrain.operators.token_scatter.scatter_for_grouped_gemm",
+    linear_factories=(
+        "pithtrain.layers.factory.get_linear_cls",
+        "pithtrain.layers.factory.get_group_linear_cls",
+    ),
+    grouped_linear_classes=("GroupLinear", "FP8GroupLinear"),
+    attention_kernel_wrappers=(
+        "pithtrain.operators.flash_attn_v4",
+        "pithtrain.operators.ring_attention",
+    ),
+    raw_attention_kernels=("flash_attn", "flash_attn.cute.interface", "flash_attn_interface"),
+    run_backward="pithtrain.dualpipe.utils.run_backward",
+    record_types=(
+        "pithtrain.dualpipe.execution.IntermediateTensors",
+        "pithtrain.dualpipe.execution.PrologArgs",
+        "pithtrain.dualpipe.execution.PrologOuts",
+        "pithtrain.dualpipe.execution.EpilogArgs",
+    ),
+    model_init_params=("config", "num_stages", "stage_id", "cp_group", "ep_group"),
+    stage_index_attrs=("stage_id", "stage_index"),
+    stage_count_attrs=("num_stages", "stage_count"),
+    group_params=("cp_group", "ep_group", "tp_group", "dp_group", "pp_group"),
+    cp_rejection="if cp_group is not None and cp_group.size() > 1: raise NotImplementedError(...)",
+    cp_consumers=("ring_attention", "ring_attention_func", "cp_rank", "cp_group.rank"),
+    moe_marker_attr="experts",
+    moe_required_attrs=(("ep_size",), ("ep_group",), ("experts_per_rank",), ("num_experts", "n_routed_experts")),
+    router_attr_names=("gate", "router"),
+    router_required_attrs=("num_experts", "weight", "load_balance_loss_fn"),
+    router_api="compute+forward",
+    lb_injector="MoELoadBalanceLossInjector",
+    lb_tracker="MoELoadBalanceLossTracker",
+    lb_requires_training=True,
+    allow_in_graph_in_model=True,
+    shared_expert_names=_SHARED_EXPERT_NAMES,
+    per_forward_attrs=("_position_embeddings", "_block_mask"),
+    posemb_args=(),
+    disabled_rules=frozenset(),
+    models_dir="pithtrain/models",
+    harness="tests/test_fsdp.py",
+    training_module="pithtrain/modules/training.py",
+    examples_dir="examples/pretrain_language_model",
+    converter="pithtrain/tasks/convert_checkpoint.py",
+    token_scatter_module="pithtrain/operators/token_scatter.py",
+    fsdp_method_registration="register_fsdp_forward_method",
+    hf_class_allowlist=("DeepseekV2Lite*", "Qwen3MoeMoE", "Qwen3MoeGate", "Qwen3MoeExperts"),
+)
+
+V2 = dataclasses.replace(
+    V1,
+    name="v2",
+    stage1="forward_stage1",
+    stage1_compute="forward_stage1_compute",
+    stage3="forward_stage3",
+    stage5="forward_stage5",
+    signatures=_V2_SIGNATURES,
+    layer_hot_regions=("forward_stage1_compute", "forward_stage5"),
+    router_hot_regions=(),
+    router_hot_regions_optional=("forward",),
+    model_forward_style="delegate",
+    model_forward_delegates=("model_forward", "record_forward"),
+    model_backward_required=False,
+    record_container_attr="chunk_record",
+    layer_partition="pithtrain.dualpipe.dualpipev.layer_partition",
+    dispatch_helper="pithtrain.operators.ep_dispatch.prepare_dispatch",
+    linear_factories=(
+        "pithtrain.contexts.training.Linear",
+        "pithtrain.contexts.training.GroupedLinear",
+    ),
+    grouped_linear_classes=("GroupedLinear", "FP8GroupedLinear"),
+    run_backward="pithtrain.dualpipe.utils.run_backward",
+    record_types=(
+        "pithtrain.dualpipe.execution.ChunkRecord",
+        "pithtrain.dualpipe.execution.LayerRecord",
+    ),
+    model_init_params=("config", "phase"),
+    stage_index_attrs=("stage_index",),
+    stage_count_attrs=("stage_count",),
+    group_params=(),
+    cp_rejection="if distributed.cp_size > 1: raise NotImplementedError(...)",
+    cp_consumers=("ring_attention_func", "mla_ring_attention_func", "distributed.cp_group", "cp_rank"),
+    moe_required_attrs=(("experts_per_rank",), ("num_experts", "n_routed_experts")),
+    router_required_attrs=("num_experts", "weight", "load_balance_loss_fn", "router_replay"),
+    router_api="forward3",
+    lb_requires_training=False,
+    allow_in_graph_in_model=False,
+    per_forward_attrs=(),
+    posemb_args=("rotary_posemb", "cu_seqlens"),
+    disabled_rules=frozenset({"PTL112"}),
+    harness="tests/test_dualpipev.py",
+    examples_dir="examples/pretrain_lm",
+    converter="pithtrain/tasks/convert_checkpoint",
+    hf_class_allowlist=(
+        "DeepseekV2Lite*",
+        "DeepSeekV2*",
+        "Qwen3MoeMoE",
+        "Qwen3MoeGate",
+        "Qwen3MoeExperts",
+        "Qwen35Moe*",
+        "GptOssMoE",
+    ),
+)
+
+PROFILES = {"v1": V1, "v2": V2}
+
+
+@dataclass
+class Detection:
+    """Which profile ``auto`` chose for a project, and the evidence."""
+
+    profile: Profile
+    reasons: list[str] = field(default_factory=list)
+
+
+_INTERFACE = "pithtrain/models/interface.py"
+_FSDP_STRING = re.compile(r"register_fsdp_forward_method\([^,]+,\s*[\"'](\w+)[\"']")
+
+
+def detect_profile(root: Path | None) -> Detection:
+    """Pick v1 or v2 from the signals listed in the protocol-v2 notes; v1 when none is found."""
+    if root is None:
+        return Detection(V1, ["no project root found: falling back to v1"])
+    votes: dict[str, list[str]] = {"v1": [], "v2": []}
+    interface = root / _INTERFACE
+    if interface.is_file():
+        text = interface.read_text(encoding="utf-8", errors="replace")
+        if re.search(r"^class LayerProtocol\b", text, re.M):
+            votes["v2"].append(f"{_INTERFACE} defines LayerProtocol")
+        if re.search(r"^class DecoderLayerProtocol\b", text, re.M):
+            votes["v1"].append(f"{_INTERFACE} defines DecoderLayerProtocol")
+    if (root / "pithtrain/dualpipe/modeling.py").is_file():
+        votes["v1"].append("pithtrain/dualpipe/modeling.py exists")
+    if (root / "pithtrain/contexts/distributed.py").is_file():
+        votes["v2"].append("pithtrain/contexts/distributed.py exists")
+    training = root / V1.training_module
+    if training.is_file():
+        methods = set(_FSDP_STRING.findall(training.read_text(encoding="utf-8", errors="replace")))
+        if V1.stage1 in methods:
+            votes["v1"].append(f"{V1.training_module} registers {V1.stage1}")
+        if V2.stage1 in methods:
+            votes["v2"].append(f"{V2.training_module} registers {V2.stage1}")
+    if votes["v2"] and len(votes["v2"]) > len(votes["v1"]):
+        return Detection(V2, votes["v2"])
+    if votes["v1"]:
+        return Detection(V1, votes["v1"])
+    return Detection(V1, ["no era signal found in the project: falling back to v1"])

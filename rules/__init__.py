@@ -1,0 +1,17 @@
+"""The rule pack: one module per family, one class per rule.
+
+Installed as ``pithlint.rules``. A new family module is added to FAMILIES; every Rule
+subclass defined in a family module with a ``code`` is registered.
+"""
+
+from pithlint.rule import Rule
+from pithlint.rules import hygiene, linter, numerics, protocol, torch_compile
+
+FAMILIES = (linter, protocol, torch_compile, numerics, hygiene)
+
+RULES = [
+    obj
+    for family in FAMILIES
+    for obj in vars(family).values()
+    if isinstance(obj, type) and issubclass(obj, Rule) and obj.__module__ == family.__name__ and "code" in vars(obj)
+]
