@@ -5,9 +5,33 @@ subclass defined in a family module with a ``code`` is registered.
 """
 
 from pithlint.rule import Rule
-from pithlint.rules import hygiene, linter, numerics, protocol, torch_compile
+from pithlint.rules import (
+    checkpoint,
+    conventions,
+    hf_conventions,
+    hygiene,
+    linter,
+    model_protocol,
+    numerics,
+    protocol,
+    router,
+    torch_compile,
+    wiring,
+)
 
-FAMILIES = (linter, protocol, torch_compile, numerics, hygiene)
+FAMILIES = (
+    linter,
+    protocol,
+    model_protocol,
+    router,
+    torch_compile,
+    numerics,
+    wiring,
+    conventions,
+    hf_conventions,
+    checkpoint,
+    hygiene,
+)
 
 RULES = [
     obj

@@ -1,0 +1,1 @@
+"""PTL6xx: checkpoint conversion (cross-file)."""

@@ -1,0 +1,1 @@
+"""PTL504, PTL506: conventions checked within one file."""

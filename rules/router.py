@@ -1,0 +1,1 @@
+"""PTL15x: the router / gate contract."""
