@@ -60,11 +60,16 @@ class LintRun:
             detection = detect_profile(settings.root)
         else:
             detection = Detection(PROFILES[chosen], [f"profile {chosen} was asked for"])
-        enabled = registry.select_rules(
-            select if select is not None else settings.select,
-            [*settings.extend_select, *extend_select],
-            [*settings.ignore, *ignore],
-        )
+        # A --select on the command line replaces the configured selection, including the
+        # configured ignores: `pithlint --select PTL302` runs PTL302.
+        if select is not None:
+            enabled = registry.select_rules(select, list(extend_select), list(ignore))
+        else:
+            enabled = registry.select_rules(
+                settings.select,
+                [*settings.extend_select, *extend_select],
+                [*settings.ignore, *ignore],
+            )
         active = detection.profile
         rules = [
             r
