@@ -47,7 +47,8 @@ class Settings:
     extend_select: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
     per_file_ignores: dict[str, list[str]] = field(default_factory=dict)
-    exclude: list[str] = field(default_factory=list)
+    # Tool and environment folders are never linted; [tool.pithlint] exclude adds to these.
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     profile: str = "auto"
     project_paths: dict[str, str] = field(default_factory=dict)
     private_paths: list[str] = field(default_factory=lambda: ["docs/", "CLAUDE.md", ".claude/", "AGENTS.md", ".agents/"])
