@@ -75,6 +75,12 @@ class Profile:
     lb_tracker: str
     lb_requires_training: bool
     allow_in_graph_in_model: bool
+    router_weight_attr: str  # the routing matrix, an nn.Parameter (num_experts, hidden)
+    router_none_attrs: tuple[str, ...]  # hooks the framework installs later; the router sets them to None
+    router_outputs: tuple[tuple[str, int], ...]  # (router method, length of the tuple it returns)
+    router_tracker_method: str  # the router method that calls the tracker ("" when the layer does)
+    lb_loss_fn_attr: str  # the router's load-balance loss hook
+    lb_tracker_add: str  # the tracker's class method that records a loss (a Python side effect)
     # 9. shared experts
     shared_expert_names: tuple[str, ...]
     # 10. per-forward state
@@ -175,6 +181,13 @@ V1 = Profile(
     lb_tracker="MoELoadBalanceLossTracker",
     lb_requires_training=True,
     allow_in_graph_in_model=True,
+    router_weight_attr="weight",
+    router_none_attrs=("load_balance_loss_fn",),
+    # compiled compute() -> (topk_idx, topk_weight, lb_loss); eager forward() -> (topk_idx, topk_weight)
+    router_outputs=(("compute", 3), ("forward", 2)),
+    router_tracker_method="forward",
+    lb_loss_fn_attr="load_balance_loss_fn",
+    lb_tracker_add="add",
     shared_expert_names=_SHARED_EXPERT_NAMES,
     per_forward_attrs=("_position_embeddings", "_block_mask"),
     posemb_args=(),
@@ -227,6 +240,10 @@ V2 = dataclasses.replace(
     router_api="forward3",
     lb_requires_training=False,
     allow_in_graph_in_model=False,
+    router_none_attrs=("load_balance_loss_fn", "router_replay"),
+    # forward() -> (topk_idx, topk_weight, lb_loss); the layer calls the tracker
+    router_outputs=(("forward", 3),),
+    router_tracker_method="",
     per_forward_attrs=(),
     posemb_args=("rotary_posemb", "cu_seqlens"),
     disabled_rules=frozenset({"PTL112"}),
