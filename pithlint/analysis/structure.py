@@ -163,25 +163,64 @@ def functions_called_from(
     module_functions: dict[str, cst.FunctionDef],
 ) -> list[cst.FunctionDef]:
     """``func`` and the module functions and same-class methods it calls, transitively."""
-    seen: dict[int, cst.FunctionDef] = {}
-    stack = [func]
+    return [f for _, f in reachable_functions({}, cls, func, module_functions)]
+
+
+def reachable_functions(
+    classes: dict[str, ClassInfo],
+    cls: ClassInfo | None,
+    func: cst.FunctionDef,
+    module_functions: dict[str, cst.FunctionDef],
+) -> list[tuple[ClassInfo | None, cst.FunctionDef]]:
+    """``func`` and every function of the file it calls, transitively, each with its class.
+
+    Besides module functions and ``self.method()``, calls through the classes of ``classes``
+    are followed: a submodule call ``self.attn(...)`` runs that class's ``forward``,
+    ``self.mlp.gate.compute(...)`` a method reached through attributes (every class the
+    attribute may hold), and ``Attention.rotate_half(...)`` a method named on its class.
+    """
+    seen: dict[int, tuple[ClassInfo | None, cst.FunctionDef]] = {}
+    stack: list[tuple[ClassInfo | None, cst.FunctionDef]] = [(cls, func)]
     while stack:
-        current = stack.pop()
+        owner, current = stack.pop()
         if id(current) in seen:
             continue
-        seen[id(current)] = current
+        seen[id(current)] = (owner, current)
         for node in walk(current):
-            if not isinstance(node, cst.Call):
-                continue
-            callee = node.func
-            if isinstance(callee, cst.Name) and callee.value in module_functions:
-                stack.append(module_functions[callee.value])
-            elif (
-                cls is not None
-                and isinstance(callee, cst.Attribute)
-                and isinstance(callee.value, cst.Name)
-                and callee.value.value == "self"
-                and callee.attr.value in cls.methods
-            ):
-                stack.append(cls.methods[callee.attr.value])
+            if isinstance(node, cst.Call):
+                stack.extend(_callees(classes, owner, node.func, module_functions))
     return list(seen.values())
+
+
+def _callees(
+    classes: dict[str, ClassInfo],
+    owner: ClassInfo | None,
+    callee: cst.BaseExpression,
+    module_functions: dict[str, cst.FunctionDef],
+) -> list[tuple[ClassInfo | None, cst.FunctionDef]]:
+    name = dotted_name(callee)
+    if name is None:
+        return []
+    head, *attrs = name.split(".")
+    if not attrs:
+        return [(None, module_functions[head])] if head in module_functions else []
+    if head == "self":
+        targets = [owner] if owner is not None else []
+    else:
+        targets = [classes[head]] if head in classes else []
+    *path, last = attrs
+    for attr in path:
+        targets = [c for t in targets for c in _attribute_classes(classes, t, attr)]
+    found: list[tuple[ClassInfo | None, cst.FunctionDef]] = []
+    for target in targets:
+        if last in target.methods:
+            found.append((target, target.methods[last]))
+        else:  # calling a submodule runs its forward
+            found.extend((c, c.methods["forward"]) for c in _attribute_classes(classes, target, last) if "forward" in c.methods)
+    return found
+
+
+def _attribute_classes(classes: dict[str, ClassInfo], owner: ClassInfo, attr: str) -> list[ClassInfo]:
+    """The classes of the file that ``owner`` assigns to ``self.<attr>``."""
+    names = {n for value in owner.self_assignments.get(attr, []) for n in constructed_classes(value)}
+    return [classes[n] for n in sorted(names) if n in classes]
