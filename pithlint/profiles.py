@@ -45,6 +45,13 @@ class Profile:
     model_forward_delegates: tuple[str, ...]
     model_backward_required: bool
     record_container_attr: str  # where the model finds its records
+    # Fields of the per-layer record (one record per stage) and of each stage record.
+    layer_record_fields: tuple[str, ...]
+    record_args_field: str
+    record_outs_field: str
+    # The model's own backward (v1): parameters, and the per-layer backward it calls.
+    model_backward_params: tuple[str, ...]
+    layer_backward: str
     # 4. import origins (fully qualified)
     layer_partition: str
     dispatch_helper: str
@@ -60,10 +67,16 @@ class Profile:
     model_init_params: tuple[str, ...]
     stage_index_attrs: tuple[str, ...]
     stage_count_attrs: tuple[str, ...]
+    # Model attributes that exist only on the first / the last stage (None elsewhere).
+    first_stage_modules: tuple[str, ...]
+    last_stage_modules: tuple[str, ...]
     # 6. parallelism source and rejection idiom
     group_params: tuple[str, ...]
     cp_rejection: str  # a human-readable idiom for messages
     cp_consumers: tuple[str, ...]
+    # What the rejection's `if` tests, and whether CP reaches the model without an argument.
+    cp_rejection_tests: tuple[str, ...]
+    cp_from_context: bool
     # 7. MoE detection and the attributes the engine reads from the MoE block
     moe_marker_attr: str
     moe_required_attrs: tuple[tuple[str, ...], ...]  # each entry: accepted spellings
@@ -145,6 +158,11 @@ V1 = Profile(
     model_forward_delegates=(),
     model_backward_required=True,
     record_container_attr="_intermediate_tensors",
+    layer_record_fields=("stage1", "stage2", "stage3", "stage4", "stage5"),
+    record_args_field="args",
+    record_outs_field="outs",
+    model_backward_params=("module", "dy", "loss", "intermediate_tensors"),
+    layer_backward="pithtrain.dualpipe.modeling.decoder_layer_backward",
     layer_partition="pithtrain.dualpipe.layer_partition.layer_partition",
     dispatch_helper="pithtrain.operators.ep_dispatch.moe_ep_prepare_dispatch",
     padded_index_gather="pithtrain.operators.token_scatter.padded_index_gather",
@@ -169,9 +187,13 @@ V1 = Profile(
     model_init_params=("config", "num_stages", "stage_id", "cp_group", "ep_group"),
     stage_index_attrs=("stage_id", "stage_index"),
     stage_count_attrs=("num_stages", "stage_count"),
+    first_stage_modules=("embed_tokens",),
+    last_stage_modules=("norm", "lm_head"),
     group_params=("cp_group", "ep_group", "tp_group", "dp_group", "pp_group"),
     cp_rejection="if cp_group is not None and cp_group.size() > 1: raise NotImplementedError(...)",
     cp_consumers=("ring_attention", "ring_attention_func", "cp_rank", "cp_group.rank"),
+    cp_rejection_tests=("cp_group",),  # the constructor parameter
+    cp_from_context=False,
     moe_marker_attr="experts",
     moe_required_attrs=(("ep_size",), ("ep_group",), ("experts_per_rank",), ("num_experts", "n_routed_experts")),
     router_attr_names=("gate", "router"),
@@ -217,6 +239,8 @@ V2 = dataclasses.replace(
     model_forward_delegates=("model_forward", "record_forward"),
     model_backward_required=False,
     record_container_attr="chunk_record",
+    # v2 models define no backward; the engine's model_backward calls layer_backward.
+    layer_backward="pithtrain.dualpipe.execution.layer_backward",
     layer_partition="pithtrain.dualpipe.dualpipev.layer_partition",
     dispatch_helper="pithtrain.operators.ep_dispatch.prepare_dispatch",
     linear_factories=(
@@ -235,6 +259,8 @@ V2 = dataclasses.replace(
     group_params=(),
     cp_rejection="if distributed.cp_size > 1: raise NotImplementedError(...)",
     cp_consumers=("ring_attention_func", "mla_ring_attention_func", "distributed.cp_group", "cp_rank"),
+    cp_rejection_tests=("pithtrain.contexts.distributed.cp_size", "pithtrain.contexts.distributed.cp_group"),
+    cp_from_context=True,  # every model sees distributed.cp_size, whether it asked or not
     moe_required_attrs=(("experts_per_rank",), ("num_experts", "n_routed_experts")),
     router_required_attrs=("num_experts", "weight", "load_balance_loss_fn", "router_replay"),
     router_api="forward3",
