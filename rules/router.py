@@ -11,9 +11,7 @@ from pithlint.analysis.structure import ClassInfo, constructed_classes, reachabl
 from pithlint.analysis.walk import walk, walk_no_nested_scopes
 from pithlint.context import FileContext
 from pithlint.rule import Invalid, Rule, Valid
-from pithlint.rules.torch_compile import hot_regions
-
-_PARAMETER = frozenset({"torch.nn.Parameter", "torch.nn.parameter.Parameter"})
+from pithlint.rules.torch_compile import PARAMETER_CONSTRUCTORS, hot_regions
 
 
 def _is_none(node: cst.BaseExpression) -> bool:
@@ -140,7 +138,7 @@ class RouterContract(Rule):
     def _check_weight(self, router: ClassInfo) -> None:
         attr = self.profile.router_weight_attr
         for value in router.init_assignments(attr):
-            if not (isinstance(value, cst.Call) and self.ctx.imports.resolve(value.func) in _PARAMETER):
+            if not (isinstance(value, cst.Call) and self.ctx.imports.resolve(value.func) in PARAMETER_CONSTRUCTORS):
                 self.report(value, f"'{router.name}.{attr}' must be an nn.Parameter of shape (num_experts, hidden): the harness and the checkpoint converter treat it as a raw matrix")
                 continue
             dims = _parameter_dims(self.ctx, value)

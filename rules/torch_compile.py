@@ -11,8 +11,11 @@ from pithlint.analysis.calls import (
     is_false,
     is_true,
     keyword,
+    self_method_name,
 )
-from pithlint.analysis.walk import walk
+from pithlint.analysis.names import dotted_name
+from pithlint.analysis.structure import ClassInfo
+from pithlint.analysis.walk import walk, walk_no_nested_scopes
 from pithlint.context import FileContext
 from pithlint.rule import Fix, Invalid, Rule, Valid
 
@@ -430,5 +433,282 @@ class UnconditionalUnwrap(Rule):
                     gate.compute = gate.compute.__wrapped__.__get__(gate, type(gate))  # [PTL203]
             """,
             example_path="pithtrain/modules/training.py",
+        ),
+    ]
+
+
+PARAMETER_CONSTRUCTORS = frozenset({"torch.nn.Parameter", "torch.nn.parameter.Parameter"})
+_SCORE_MOD_POSITION = 3  # flex_attention(query, key, value, score_mod=None, block_mask=None, ...)
+
+
+def _self_reads(node: cst.CSTNode, attrs: set[str]) -> str | None:
+    """The first ``self.<attr>`` with ``attr`` in ``attrs`` read below ``node``."""
+    for n in walk(node):
+        if isinstance(n, cst.Attribute) and isinstance(n.value, cst.Name) and n.value.value == "self" and n.attr.value in attrs:
+            return n.attr.value
+    return None
+
+
+class ScoreModCapturesParameter(Rule):
+    """
+    What it does:
+    Reports ``flex_attention(..., score_mod=f)`` where ``f`` reads a parameter of the
+    module: a lambda or nested function that reads ``self.<p>`` (``p`` assigned an
+    ``nn.Parameter`` in the class) or a local computed from it, a method of the class that
+    reads one, or a factory called with one (``make_sink_mod(self.sinks)``). ``mask_mod``
+    closures, and score mods that read no parameter, are fine.
+
+    Why it matters:
+    A score modification that closes over a trainable tensor makes flex attention
+    specialise and compile itself inside the enclosing ``@torch.compile(fullgraph=True)``
+    region, which cannot trace through that nested compile: the region has to be unwrapped
+    and the whole attention block runs eagerly.
+
+    Example:
+        def forward(self, hidden_states, position_embeddings, block_mask):
+            ...
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return torch.where(kv_idx == sink_idx, self.sinks[h], score)
+
+            out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+    Use instead:
+        def forward(self, hidden_states, position_embeddings, block_mask):
+            ...
+            # the sink only enlarges the softmax denominator: renormalise with the LSE
+            out, aux = flex_attention(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True))
+            out = out * torch.sigmoid(aux.lse - self.sinks.view(1, -1, 1)).unsqueeze(-1)
+
+    (v2 kernels take the sinks directly: ``flash_attn_func(q, k, v, ..., learnable_sink=sinks)``.)
+
+    Where it comes from:
+    The gpt-oss port: attention sinks written as a ``score_mod`` over ``self.sinks`` kept the
+    stage-1 region from compiling until they were moved to a post-op.
+    """
+
+    code = "PTL204"
+    name = "score-mod-captures-parameter"
+    message = "flex_attention score_mod reads a module parameter"
+
+    def check(self) -> None:
+        ctx = self.ctx
+        for cls in ctx.structure.classes.values():
+            params = {
+                attr
+                for attr, values in cls.self_assignments.items()
+                if any(isinstance(v, cst.Call) and ctx.imports.resolve(v.func) in PARAMETER_CONSTRUCTORS for v in values)
+            }
+            if not params:
+                continue
+            for method in cls.methods.values():
+                for node in walk_no_nested_scopes(method):
+                    if isinstance(node, cst.Call) and (ctx.imports.resolve(node.func) or "").rsplit(".", 1)[-1] == "flex_attention":
+                        self._check_call(cls, method, node, params)
+
+    def _check_call(self, cls: ClassInfo, method: cst.FunctionDef, call: cst.Call, params: set[str]) -> None:
+        arg = keyword(call, "score_mod")
+        if arg is None:
+            positional = [a for a in call.args if a.keyword is None]
+            arg = positional[_SCORE_MOD_POSITION] if len(positional) > _SCORE_MOD_POSITION else None
+        if arg is None:
+            return
+        local_defs: dict[str, cst.CSTNode] = {}
+        derived: dict[str, str] = {}  # locals computed from a parameter: sinks = self.sinks.float()
+        for node in walk_no_nested_scopes(method):
+            if isinstance(node, cst.FunctionDef) and node is not method:
+                local_defs[node.name.value] = node
+            elif isinstance(node, cst.Assign) and len(node.targets) == 1 and isinstance(node.targets[0].target, cst.Name):
+                name = node.targets[0].target.value
+                local_defs[name] = node.value
+                param = _self_reads(node.value, params)
+                if param is not None:
+                    derived[name] = param
+        value = arg.value
+        if isinstance(value, cst.Name) and value.value in local_defs:
+            value = local_defs[value.value]
+        if self_method_name(value) in cls.methods:
+            scanned = [cls.methods[self_method_name(value)]]
+        elif isinstance(value, cst.Call):  # a factory: the closure holds what it is handed
+            scanned = [a.value for a in value.args]
+        else:
+            scanned = [value]
+        for node in scanned:
+            param = _self_reads(node, params) or next(
+                (derived[n.value] for n in walk(node) if isinstance(n, cst.Name) and n.value in derived), None
+            )
+            if param is not None:
+                self.report(arg, f"score_mod of flex_attention in '{cls.name}.{method.name.value}' reads the parameter self.{param}: flex attention then compiles itself inside the fullgraph region; apply it after the kernel (log-sum-exp renormalisation) or through a kernel argument (learnable_sink=)")
+                return
+
+    VALID = [
+        Valid(
+            """
+            import torch
+            from torch import nn
+            from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+            class SinkAttention(nn.Module):
+                def __init__(self, num_heads, window):
+                    super().__init__()
+                    self.sinks = nn.Parameter(torch.zeros(num_heads))
+                    self.window = window
+
+                def forward(self, q, k, v, block_mask):
+                    def soft_cap(score, b, h, q_idx, kv_idx):
+                        return 30.0 * torch.tanh(score / 30.0)
+
+                    out, aux = flex_attention(q, k, v, score_mod=soft_cap, block_mask=block_mask, return_aux=AuxRequest(lse=True))
+                    scale = torch.sigmoid(aux.lse - self.sinks.float().view(1, -1, 1))
+                    return out * scale.unsqueeze(-1)
+
+                def masks(self, seq_len):
+                    def mask_mod(b, h, q_idx, kv_idx):
+                        return (q_idx >= kv_idx) & (q_idx - kv_idx < self.window)
+
+                    return create_block_mask(mask_mod, None, None, seq_len, seq_len)
+            """
+        ),
+        Valid(
+            """
+            from pithtrain.operators.flash_attn_v4 import flash_attn_func
+
+            class SinkAttention(nn.Module):
+                def __init__(self, num_heads):
+                    super().__init__()
+                    self.sinks = nn.Parameter(torch.zeros(num_heads))
+
+                def forward(self, q, k, v):
+                    sinks = self.sinks.to(q.dtype)
+                    return flash_attn_func(q, k, v, causal=True, learnable_sink=sinks)
+            """,
+            profile="v2",
+        ),
+    ]
+    INVALID = [
+        Invalid(
+            """
+            import torch
+            from torch import nn
+            from torch.nn.attention.flex_attention import flex_attention
+
+            class SinkAttention(nn.Module):
+                def __init__(self, num_heads):
+                    super().__init__()
+                    self.sinks = nn.Parameter(torch.zeros(num_heads))
+                    self.bias = nn.Parameter(torch.zeros(num_heads))
+
+                def forward(self, q, k, v, block_mask, sink_idx):
+                    def score_mod(score, b, h, q_idx, kv_idx):
+                        return torch.where(kv_idx == sink_idx, self.sinks[h], score)
+
+                    out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)  # [PTL204]
+                    scale = self.bias.float()
+                    return flex_attention(q, k, v, lambda s, b, h, qi, ki: s + scale[h])  # [PTL204]
+            """
+        ),
+        Invalid(
+            """
+            import torch
+            from torch import nn
+            from torch.nn.attention import flex_attention as fa
+
+            class SinkAttention(nn.Module):
+                def __init__(self, num_heads):
+                    super().__init__()
+                    self.sinks = nn.Parameter(torch.zeros(num_heads))
+
+                def _sink_mod(self, score, b, h, q_idx, kv_idx):
+                    return torch.where(kv_idx == 0, self.sinks[h], score)
+
+                def forward(self, q, k, v):
+                    first = fa.flex_attention(q, k, v, score_mod=self._sink_mod)  # [PTL204]
+                    return fa.flex_attention(q, k, v, score_mod=make_sink_mod(self.sinks))  # [PTL204]
+            """,
+            profile="v2",
+        ),
+    ]
+
+
+class UntraceableAttentionKernel(Rule):
+    """
+    What it does:
+    Reports imports of raw attention kernels in model files (``flash_attn``,
+    ``flash_attn.cute.interface``, ``flash_attn_interface``; the list comes from the profile).
+    Model files import attention kernels from the framework's custom-op wrappers
+    (``pithtrain.operators.flash_attn_v4``, ``pithtrain.operators.ring_attention``).
+
+    Why it matters:
+    The raw kernels are Python autograd functions that Dynamo cannot trace: inside a
+    ``fullgraph=True`` stage region they are a hard error, and the tempting workaround
+    (unwrapping the region) runs the whole attention block eagerly. The wrappers register
+    the same kernels as custom ops, which trace as single graph nodes.
+
+    Example:
+        from flash_attn.cute.interface import flash_attn_func
+
+    Use instead:
+        from pithtrain.operators.flash_attn_v4 import flash_attn_func
+
+    Where it comes from:
+    Upstream PithTrain: a gpt-oss kernel swap imported ``flash_attn.cute.interface``
+    directly; the framework later wrapped every kernel as a custom op.
+    """
+
+    code = "PTL205"
+    name = "untraceable-attention-kernel"
+    message = "raw attention kernel imported in a model file"
+
+    def check(self) -> None:
+        for node in self.ctx.imports.import_nodes:
+            if isinstance(node, cst.ImportFrom):
+                if not node.relative and node.module is not None:
+                    self._check_module(node, dotted_name(node.module))
+            else:
+                for alias in node.names:
+                    self._check_module(alias, dotted_name(alias.name))
+
+    def _check_module(self, node: cst.CSTNode, module: str | None) -> None:
+        raw = self.profile.raw_attention_kernels
+        if module is not None and any(module == k or module.startswith(k + ".") for k in raw):
+            wrappers = " or ".join(self.profile.attention_kernel_wrappers)
+            self.report(node, f"'{module}' imported directly: its autograd functions cannot be traced by Dynamo; import the kernel from {wrappers}")
+
+    VALID = [
+        Valid(
+            """
+            from pithtrain.operators.flash_attn_v4 import flash_attn_func, mla_flash_attn_func
+            from pithtrain.operators.ring_attention.standard import ring_attention_func
+            """
+        ),
+        Valid(
+            """
+            from pithtrain.operators.flash_attn_v4 import flash_attn_func, flash_attn_varlen_func
+            from pithtrain.operators.ring_attention import ring_attention_func
+            """,
+            profile="v2",
+        ),
+        # The wrapper module itself imports the raw kernel; it is not a model file.
+        Valid(
+            """
+            from flash_attn.cute.interface import flash_attn_func as _raw_flash_attn_func
+            """,
+            example_path="pithtrain/operators/flash_attn_v4.py",
+        ),
+    ]
+    INVALID = [
+        Invalid(
+            """
+            from flash_attn.cute.interface import flash_attn_func  # [PTL205]
+            import flash_attn_interface as fa3  # [PTL205]
+
+            class Attention(nn.Module): ...
+            """
+        ),
+        Invalid(
+            """
+            import torch
+            from flash_attn import flash_attn_varlen_func  # [PTL205]
+            """,
+            profile="v2",
         ),
     ]
