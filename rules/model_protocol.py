@@ -4,6 +4,7 @@ modules, process groups, per-forward state)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import cached_property
 
 import libcst as cst
 
@@ -124,11 +125,10 @@ def _writing_loops(node: cst.CSTNode) -> Iterator[cst.For]:
             yield from _writing_loops(child)
 
 
-def _mentions_container(func: cst.FunctionDef, attr: str) -> bool:
-    """``func`` reads ``self.<attr>`` (directly or as ``getattr(self, "<attr>")``)."""
-    return any(
-        (isinstance(n, cst.Attribute) and n.attr.value == attr) or _string(n) == attr for n in walk(func)
-    )
+def _mentions_container(node: cst.CSTNode, attr: str) -> bool:
+    """``node`` reads the record container ``self.<attr>`` (directly or as
+    ``getattr(self, "<attr>")``)."""
+    return any((isinstance(n, cst.Attribute) and n.attr.value == attr) or _string(n) == attr for n in walk(node))
 
 
 class StageRecordCopy(Rule):
@@ -214,8 +214,9 @@ class StageRecordCopy(Rule):
                 "copied and the model's backward has nothing to run",
             )
             return
-        for loop in _writing_loops(forward.body):
-            self._check_loop(model, loop)
+        for func in helpers:
+            for loop in _writing_loops(func.body):
+                self._check_loop(model, loop)
 
     def _check_loop(self, model: ClassInfo, loop: cst.For) -> None:
         args = self.profile.record_args_field
@@ -525,7 +526,7 @@ class ModelBackwardContract(Rule):
                 backward.name,
                 f"{label} takes ({', '.join(params)}); the engine passes ({', '.join(expected)})",
             )
-        dy, loss = (params[-3], params[-2]) if len(params) >= 3 else expected[1:3]
+        dy, loss = params[1:3] if len(params) >= 3 else expected[1:3]
         if not any(
             isinstance(n, cst.Assert) and _mentions_name(n.test, (dy,)) and _mentions_name(n.test, (loss,))
             for n in walk_no_nested_scopes(backward)
@@ -765,13 +766,17 @@ class LayerPartition(Rule):
     def _check_partition(self, model: ClassInfo, init: cst.FunctionDef, containers: list) -> None:
         expected = self.profile.layer_partition
         short = expected.rsplit(".", 1)[-1]
-        calls = [n for n in walk(init) if isinstance(n, cst.Call) and _last_name(n.func) == short]
-        if any(self.ctx.imports.resolve(c.func) == expected for c in calls):
+        resolved = [
+            (n, name)
+            for n in walk(init)
+            if isinstance(n, cst.Call) and (name := self.ctx.imports.resolve(n.func)) and name.rsplit(".", 1)[-1] == short
+        ]
+        if any(name == expected for _, name in resolved):
             return
-        if calls:
-            found = self.ctx.imports.resolve(calls[0].func)
-            where = "a local definition" if found == short else found
-            self.report(calls[0], f"'{model.name}' partitions its layers with {where}; use the framework's {expected}")
+        if resolved:
+            call, found = resolved[0]
+            where = f"the {short} defined in this file" if found in self.ctx.module_functions else found
+            self.report(call, f"'{model.name}' partitions its layers with {where}; use the framework's {expected}")
             return
         target = self._partition_arithmetic(init) or (containers[0] if containers else model.node.name)
         self.report(
@@ -862,6 +867,18 @@ class LayerPartition(Rule):
 # -- PTL110 ------------------------------------------------------------------------------
 
 _NEGATED = {"first": "not-first", "not-first": "first", "last": "not-last", "not-last": "last", "other": "other"}
+# `index <op> 0` and `index <op> count - 1`: the stage each comparison selects.
+_FIRST_TESTS = {cst.Equal: "first", cst.LessThanEqual: "first", cst.NotEqual: "not-first", cst.GreaterThan: "not-first"}
+_LAST_TESTS = {cst.Equal: "last", cst.GreaterThanEqual: "last", cst.NotEqual: "not-last", cst.LessThan: "not-last"}
+# `a <op> b` is `b <mirrored op> a`.
+_MIRRORED = {
+    cst.Equal: cst.Equal,
+    cst.NotEqual: cst.NotEqual,
+    cst.LessThan: cst.GreaterThan,
+    cst.GreaterThan: cst.LessThan,
+    cst.LessThanEqual: cst.GreaterThanEqual,
+    cst.GreaterThanEqual: cst.LessThanEqual,
+}
 
 
 class EdgeModules(Rule):
@@ -963,29 +980,31 @@ class EdgeModules(Rule):
             return "not-first"
         if isinstance(test, cst.Comparison) and len(test.comparisons) == 1:
             target = test.comparisons[0]
-            equal = isinstance(target.operator, cst.Equal)
-            if equal or isinstance(target.operator, cst.NotEqual):
-                for left, right in ((test.left, target.comparator), (target.comparator, test.left)):
-                    kind = self._equality_kind(left, right)
-                    if kind is not None:
-                        return kind if equal else _NEGATED[kind]
+            operator = type(target.operator)
+            kind = self._comparison_kind(test.left, operator, target.comparator)
+            if kind is None and operator in _MIRRORED:
+                kind = self._comparison_kind(target.comparator, _MIRRORED[operator], test.left)
+            if kind is not None:
+                return kind
         if _mentions_name(test, (*self.profile.stage_index_attrs, *self.profile.stage_count_attrs)):
             return "other"
         return None
 
-    def _equality_kind(self, left: cst.BaseExpression, right: cst.BaseExpression) -> str | None:
-        """'first' for ``index == 0``, 'last' for ``index == count - 1`` / ``index + 1 == count``."""
-        if self._is_stage_index(left):
-            if isinstance(right, cst.Integer) and right.value == "0":
-                return "first"
-            if self._is_offset(right, cst.Subtract, self._is_stage_count):
-                return "last"
-        if self._is_stage_count(left) and self._is_offset(right, cst.Add, self._is_stage_index):
-            return "last"
+    def _comparison_kind(self, left: cst.BaseExpression, operator: type, right: cst.BaseExpression) -> str | None:
+        """The stage ``left <operator> right`` selects, with the index on the left:
+        ``index == 0`` first, ``index == count - 1`` (or ``index + 1 == count``) last, and
+        the equivalent orderings (``index > 0``, ``index < count - 1``, ...)."""
+        if self._is_stage_index(left) and isinstance(right, cst.Integer) and right.value == "0":
+            return _FIRST_TESTS.get(operator)
+        if self._is_stage_index(left) and self._is_offset(right, cst.Subtract, self._is_stage_count):
+            return _LAST_TESTS.get(operator)
+        if self._is_offset(left, cst.Add, self._is_stage_index) and self._is_stage_count(right):
+            return _LAST_TESTS.get(operator)
         return None
 
     @staticmethod
     def _is_offset(node: cst.BaseExpression, operator: type, base) -> bool:
+        """``base - 1`` / ``base + 1`` for the given operator."""
         return (
             isinstance(node, cst.BinaryOperation)
             and isinstance(node.operator, operator)
@@ -1236,11 +1255,12 @@ class UnimplementedParallelismAccepted(Rule):
 
     def _attribute_is_read(self, attr: str) -> bool:
         """Some code of the file loads ``<obj>.<attr>``, or the engine reads it from the MoE block."""
-        if any(attr in spellings for spellings in self.profile.moe_required_attrs):
-            return True
-        targets = {id(t) for node in self.ctx.nodes(cst.Assign) for t in _assign_targets(node)}
-        targets |= {id(t) for node in self.ctx.nodes(cst.AnnAssign) for t in _assign_targets(node)}
-        return any(n.attr.value == attr and id(n) not in targets for n in self.ctx.nodes(cst.Attribute))
+        return attr in self._loaded_attributes or any(attr in spellings for spellings in self.profile.moe_required_attrs)
+
+    @cached_property
+    def _loaded_attributes(self) -> set[str]:
+        targets = {id(t) for node_type in (cst.Assign, cst.AnnAssign) for node in self.ctx.nodes(node_type) for t in _assign_targets(node)}
+        return {n.attr.value for n in self.ctx.nodes(cst.Attribute) if id(n) not in targets}
 
     VALID = [
         Valid(
@@ -1438,8 +1458,9 @@ class PerForwardState(Rule):
             forward = model.methods.get("forward")
             if forward is None:
                 continue
+            branches = self._branches(forward)
             for attr, read in reads.items():
-                self._check_attached(model, forward, attr, read)
+                self._check_attached(model, forward, branches, attr, read)
 
     def _check_layer_init(self, layer: ClassInfo) -> None:
         init = layer.methods.get("__init__")
@@ -1467,6 +1488,7 @@ class PerForwardState(Rule):
         attributes of the profile."""
         own = {attr for attr, values in layer.self_assignments.items() if not all(_is_none(v) for v in values)}
         per_forward = self.profile.per_forward_attrs
+        stores = {id(t) for func in layer.methods.values() for n in walk(func) for t in _assign_targets(n)}
         for func in layer.methods.values():
             for node in walk(func):
                 if (
@@ -1485,15 +1507,17 @@ class PerForwardState(Rule):
                     and isinstance(node.value, cst.Name)
                     and node.value.value == "self"
                     and node.attr.value not in own
+                    and id(node) not in stores
                 ):
                     yield node.attr.value, node
 
-    def _check_attached(self, model: ClassInfo, forward: cst.FunctionDef, attr: str, read: cst.CSTNode) -> None:
+    def _check_attached(
+        self, model: ClassInfo, forward: cst.FunctionDef, branches: dict[int, str], attr: str, read: cst.CSTNode
+    ) -> None:
         positions = self._attach_positions(model, forward, attr)
         if not positions:
             self.report(read, f"the layer reads self.{attr}, but '{model.name}.forward' never attaches layer.{attr}")
             return
-        branches = self._branches(forward)
         seen = {branches.get(id(node)) for node in positions}
         if None in seen or {"plain", "recording"} <= seen:
             return
@@ -1529,8 +1553,9 @@ class PerForwardState(Rule):
         record_names = {
             t.value
             for node in walk(forward)
-            if isinstance(node, (cst.Assign, cst.AnnAssign)) and node.value is not None
-            and any(_string(n) == container or (isinstance(n, cst.Attribute) and n.attr.value == container) for n in walk(node.value))
+            if isinstance(node, (cst.Assign, cst.AnnAssign))
+            and node.value is not None
+            and _mentions_container(node.value, container)
             for t in _assign_targets(node)
             if isinstance(t, cst.Name)
         }
