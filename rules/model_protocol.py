@@ -114,15 +114,15 @@ def _writes_outside_self(loop: cst.For) -> bool:
     return False
 
 
-def _writing_loops(node: cst.CSTNode) -> Iterator[cst.For]:
-    """The outermost ``for`` loops under ``node`` that store into other objects."""
+def _loops(node: cst.CSTNode, selected: Callable[[cst.For], bool]) -> Iterator[cst.For]:
+    """The outermost ``for`` loops under ``node`` that ``selected`` accepts."""
     for child in children(node):
         if isinstance(child, (cst.FunctionDef, cst.ClassDef, cst.Lambda)):
             continue
-        if isinstance(child, cst.For) and _writes_outside_self(child):
+        if isinstance(child, cst.For) and selected(child):
             yield child
         else:
-            yield from _writing_loops(child)
+            yield from _loops(child, selected)
 
 
 def _mentions_container(node: cst.CSTNode, attr: str) -> bool:
@@ -190,12 +190,14 @@ class StageRecordCopy(Rule):
         delegates = self.profile.model_forward_delegates
         if any(isinstance(n, cst.Call) and _last_name(n.func) in delegates for n in walk(forward)):
             return
-        loop = next(_writing_loops(forward.body), None)
+        container = self.profile.record_container_attr
+        record_loops = _loops(forward.body, lambda f: _writes_outside_self(f) or _mentions_container(f, container))
+        loop = next(record_loops, None)
         if loop is not None:
             self.report(
                 loop,
                 f"'{model.name}.forward' records the stages in a hand-written loop; delegate to the "
-                f"engine: return {delegates[0]}(self, hidden_states, self.{self.profile.record_container_attr}, cu_seqlens)",
+                f"engine: return {delegates[0]}(self, hidden_states, self.{container}, cu_seqlens)",
             )
         else:
             self.report(
@@ -215,7 +217,7 @@ class StageRecordCopy(Rule):
             )
             return
         for func in helpers:
-            for loop in _writing_loops(func.body):
+            for loop in _loops(func.body, _writes_outside_self):
                 self._check_loop(model, loop)
 
     def _check_loop(self, model: ClassInfo, loop: cst.For) -> None:
@@ -407,7 +409,6 @@ class StageRecordCopy(Rule):
                     for i, layer in enumerate(self.layers.values()):  # [PTL107]
                         record = self.chunk_record.layers[i]
                         hidden_states = layer_forward(layer, hidden_states, rotary_posemb, record, cu_seqlens)
-                        record.stage2 = None
                     return hidden_states
             """,
             profile="v2",
@@ -930,12 +931,13 @@ class EdgeModules(Rule):
             if init is None:
                 continue
             conditions = _condition_map(init)
+            owners = {id(n.test): n for n in walk(init) if isinstance(n, (cst.If, cst.IfExp))}
             for attr in profile.first_stage_modules:
-                self._check_module(model, attr, "first", conditions)
+                self._check_module(model, attr, "first", conditions, owners)
             for attr in profile.last_stage_modules:
-                self._check_module(model, attr, "last", conditions)
+                self._check_module(model, attr, "last", conditions, owners)
 
-    def _check_module(self, model: ClassInfo, attr: str, stage: str, conditions: dict) -> None:
+    def _check_module(self, model: ClassInfo, attr: str, stage: str, conditions: dict, owners: dict) -> None:
         values = [leaf for value in model.init_assignments(attr) for leaf in _arms(value)]
         if not values and attr not in model.class_attrs:
             self.report(
@@ -945,24 +947,28 @@ class EdgeModules(Rule):
             )
             return
         built = [v for v in values if not _is_none(v)]
+        reported = False
         for value in built:
-            kinds = {self._stage_kind(test, holds) for c in conditions.get(id(value), ()) for test, holds in atoms(c)}
+            held = conditions.get(id(value), ())
+            kinds = {self._stage_kind(test, holds) for c in held for test, holds in atoms(c)}
             kinds.discard(None)
             if stage in kinds:
                 continue
             if kinds:
+                reported = True
                 self.report(
                     value,
                     f"self.{attr} of '{model.name}' is built under a condition that is not the {stage}-stage "
                     f"test; it belongs on the {stage} stage only",
                 )
-            elif not conditions.get(id(value)):
+            elif not _inside_conditional(value, held, owners):
+                reported = True
                 self.report(
                     value,
                     f"self.{attr} of '{model.name}' is built on every stage; build it only on the {stage} "
                     "stage and set it to None elsewhere",
                 )
-        if built and len(built) == len(values) and attr not in model.class_attrs:
+        if not reported and built and len(built) == len(values) and attr not in model.class_attrs:
             self.report(
                 built[0],
                 f"self.{attr} of '{model.name}' is never set to None on the other stages; the engine "
@@ -1058,7 +1064,7 @@ class EdgeModules(Rule):
             class Model(nn.Module):
                 def __init__(self, config, num_stages, stage_id):
                     self.layers = nn.ModuleDict()
-                    if stage_id != 0:
+                    if stage_id > 0:
                         self.embed_tokens = None
                     else:
                         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -1108,6 +1114,15 @@ def _is_stage_attr(node: cst.BaseExpression, names: tuple[str, ...]) -> bool:
         and isinstance(node.value, cst.Name)
         and node.value.value == "self"
         and node.attr.value in names
+    )
+
+
+def _inside_conditional(node: cst.CSTNode, held: tuple[Condition, ...], owners: dict[int, cst.CSTNode]) -> bool:
+    """``node`` sits in a branch of an ``if``/conditional expression. The conditions that
+    hold at a node also include the negated tests of earlier ``if ...: raise`` blocks, which
+    do not make it conditional; ``owners`` maps each test to its ``if``."""
+    return any(
+        id(c.test) in owners and any(n is node for n in walk(owners[id(c.test)])) for c in held
     )
 
 
@@ -1466,9 +1481,11 @@ class PerForwardState(Rule):
         init = layer.methods.get("__init__")
         if init is None:
             return
+        built = []
         for attr in self.profile.per_forward_attrs:
             for value in layer.init_assignments(attr):
                 if not _is_none(value):
+                    built.append(value)
                     self.report(
                         value,
                         f"layer '{layer.name}' builds self.{attr} in __init__; it depends on the input "
@@ -1476,6 +1493,8 @@ class PerForwardState(Rule):
                     )
         for builder in _LENGTH_DEPENDENT_BUILDERS:
             for call in _calls_resolving_to(self.ctx.imports, init, builder):
+                if any(call is value for value in built):
+                    continue  # already reported as the attribute it builds
                 self.report(
                     call,
                     f"layer '{layer.name}' builds a length-dependent block mask in __init__; let the "
