@@ -38,12 +38,15 @@ class FileContext:
         module: cst.Module,
         profile: Profile,
         project: Project | None = None,
+        private_paths: tuple[str, ...] = (),
     ) -> None:
         self.path = path
         self.source = source
         self.module = module
         self.profile = profile
         self.project = project
+        # Paths comments must not point at ([tool.pithlint] private-paths, read by PTL902).
+        self.private_paths = private_paths
         self.pending: list[PendingFinding] = []
 
     # -- facts -------------------------------------------------------------------------

@@ -103,7 +103,7 @@ class LintRun:
             return [_syntax_error(path, source, exc)] if "PTL001" in self.enabled else []
         except RecursionError:
             return [_file_error(path, "the file is too deeply nested to parse")]
-        ctx = FileContext(path, source, module, self.profile, project=None)
+        ctx = FileContext(path, source, module, self.profile, project=None, private_paths=tuple(self.settings.private_paths))
         findings: list[Finding] = []
         for rule_cls in self.rules:
             if rule_cls.model_files_only and not ctx.is_model_file:
