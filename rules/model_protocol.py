@@ -1234,14 +1234,16 @@ class UnimplementedParallelismAccepted(Rule):
     def _consumes_cp(self) -> bool:
         """Code outside the imports names a CP consumer (a ring kernel, ``cp_rank``)."""
         consumers = self.profile.cp_consumers
+        last_parts = {c.rsplit(".", 1)[-1] for c in consumers}
+        candidates = [n for n in self.ctx.nodes(cst.Name) if n.value in last_parts]
+        candidates += [n for n in self.ctx.nodes(cst.Attribute) if n.attr.value in last_parts]
+        if not candidates:
+            return False
         in_imports = {id(n) for imp in self.ctx.imports.import_nodes for n in walk(imp)}
-        for node_type in (cst.Name, cst.Attribute):
-            for node in self.ctx.nodes(node_type):
-                name = dotted_name(node)
-                if name is None or id(node) in in_imports:
-                    continue
-                if any(name == c or name.endswith("." + c) for c in consumers):
-                    return True
+        for node in candidates:
+            name = dotted_name(node)
+            if name is not None and id(node) not in in_imports and any(name == c or name.endswith("." + c) for c in consumers):
+                return True
         return False
 
     def _rejects_context_cp(self) -> bool:
@@ -1251,10 +1253,11 @@ class UnimplementedParallelismAccepted(Rule):
     def _use(self, cls: ClassInfo, init: cst.FunctionDef, name: str) -> str | None:
         """How ``__init__`` uses the parameter ``name``: 'forwarded' (an argument of a call),
         'read' (any other read, or stored into an attribute something reads), or None."""
+        # `self.<attr> = <name>` stores (looked up only for the names inside __init__ below).
         stores = {
             id(value): attr
-            for attr in cls.self_assignments
-            for value in cls.init_assignments(attr)
+            for attr, values in cls.self_assignments.items()
+            for value in values
             if isinstance(value, cst.Name) and value.value == name
         }
         arguments = {id(arg.value) for node in walk(init.body) if isinstance(node, cst.Call) for arg in node.args}
