@@ -1211,7 +1211,9 @@ class UnimplementedParallelismAccepted(Rule):
                     continue
                 use = self._use(cls, init, name)
                 if use is None:
-                    idiom = profile.cp_rejection if name in cp_params else "raise NotImplementedError for a group larger than one"
+                    idiom = (
+                        profile.cp_rejection if name in cp_params else "raise NotImplementedError for a group larger than one"
+                    )
                     self.report(
                         param.name,
                         f"'{cls.name}' accepts {name} but never uses it (not stored and read, not "
@@ -1242,13 +1244,16 @@ class UnimplementedParallelismAccepted(Rule):
         in_imports = {id(n) for imp in self.ctx.imports.import_nodes for n in walk(imp)}
         for node in candidates:
             name = dotted_name(node)
-            if name is not None and id(node) not in in_imports and any(name == c or name.endswith("." + c) for c in consumers):
+            if name is None or id(node) in in_imports:
+                continue
+            if any(name == c or name.endswith("." + c) for c in consumers):
                 return True
         return False
 
     def _rejects_context_cp(self) -> bool:
         tests = self.profile.cp_rejection_tests
-        return _rejects(lambda n: isinstance(n, (cst.Name, cst.Attribute)) and self.ctx.imports.resolve(n) in tests, self.ctx.module)
+        resolve = self.ctx.imports.resolve
+        return _rejects(lambda n: isinstance(n, (cst.Name, cst.Attribute)) and resolve(n) in tests, self.ctx.module)
 
     def _use(self, cls: ClassInfo, init: cst.FunctionDef, name: str) -> str | None:
         """How ``__init__`` uses the parameter ``name``: 'forwarded' (an argument of a call),
@@ -1277,7 +1282,9 @@ class UnimplementedParallelismAccepted(Rule):
 
     @cached_property
     def _loaded_attributes(self) -> set[str]:
-        targets = {id(t) for node_type in (cst.Assign, cst.AnnAssign) for node in self.ctx.nodes(node_type) for t in _assign_targets(node)}
+        targets = {
+            id(t) for node_type in (cst.Assign, cst.AnnAssign) for node in self.ctx.nodes(node_type) for t in _assign_targets(node)
+        }
         return {n.attr.value for n in self.ctx.nodes(cst.Attribute) if id(n) not in targets}
 
     VALID = [
