@@ -107,6 +107,8 @@ class UnexplainedConstant(Rule):
     message = "unexplained float constant"
 
     def check(self) -> None:
+        if all(_is_trivial(_value(f)) for f in self.ctx.nodes(cst.Float)):
+            return
         for func in _outer_functions(self.ctx.module):
             for node in self._floats(func.body):
                 self.report(node, f"magic number {node.value} in '{func.name.value}': read it from the config, or name it as a module-level UPPER_CASE constant with a comment naming its source")
@@ -313,7 +315,12 @@ class YarnTruncateIgnored(Rule):
         names = _model_names(ctx)
         if any(n.startswith(UNCONDITIONAL_ROUNDING) for n in names):
             return
-        if not (_mentions_truncate(ctx.module) or any(n.startswith(EXPOSES_TRUNCATE) for n in names)):
+        if not any(ctx.imports.resolve(call.func) in _ROUNDING for call in ctx.nodes(cst.Call)):
+            return
+        reads_flag = any(n.value == _TRUNCATE for n in ctx.nodes(cst.Name)) or any(
+            s.evaluated_value == _TRUNCATE for s in ctx.nodes(cst.SimpleString)
+        )
+        if not (reads_flag or any(n.startswith(EXPOSES_TRUNCATE) for n in names)):
             return
         seen: set[int] = set()
         for func in ctx.nodes(cst.FunctionDef):

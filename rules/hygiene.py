@@ -308,6 +308,8 @@ class LeftPaddedPrompts(Rule):
     def check(self) -> None:
         if any(word in self.ctx.source for word in _MASK_WORDS):
             return
+        if not any(self._is_longest(call) for call in self.ctx.nodes(cst.Call)):
+            return
         for func in self.ctx.nodes(cst.FunctionDef):
             nodes = list(walk_no_nested_scopes(func))
             longest = [n for n in nodes if isinstance(n, cst.Call) and self._is_longest(n)]
