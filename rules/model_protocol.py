@@ -4,6 +4,7 @@ modules, process groups, per-forward state)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import cached_property
 
 import libcst as cst
@@ -930,14 +931,17 @@ class EdgeModules(Rule):
             init = model.methods.get("__init__")
             if init is None:
                 continue
-            conditions = _condition_map(init)
-            owners = {id(n.test): n for n in walk(init) if isinstance(n, (cst.If, cst.IfExp))}
+            guards = _Guards(
+                conditions=_condition_map(init),
+                owners={id(n.test): n for n in walk(init) if isinstance(n, (cst.If, cst.IfExp))},
+                aliases=_single_assignments(init),
+            )
             for attr in profile.first_stage_modules:
-                self._check_module(model, attr, "first", conditions, owners)
+                self._check_module(model, attr, "first", guards)
             for attr in profile.last_stage_modules:
-                self._check_module(model, attr, "last", conditions, owners)
+                self._check_module(model, attr, "last", guards)
 
-    def _check_module(self, model: ClassInfo, attr: str, stage: str, conditions: dict, owners: dict) -> None:
+    def _check_module(self, model: ClassInfo, attr: str, stage: str, guards: _Guards) -> None:
         values = [leaf for value in model.init_assignments(attr) for leaf in _arms(value)]
         if not values and attr not in model.class_attrs:
             self.report(
@@ -949,8 +953,8 @@ class EdgeModules(Rule):
         built = [v for v in values if not _is_none(v)]
         reported = False
         for value in built:
-            held = conditions.get(id(value), ())
-            kinds = {self._stage_kind(test, holds) for c in held for test, holds in atoms(c)}
+            held = guards.conditions.get(id(value), ())
+            kinds = {self._stage_kind(test, holds, guards.aliases) for c in held for test, holds in atoms(c)}
             kinds.discard(None)
             if stage in kinds:
                 continue
@@ -961,7 +965,7 @@ class EdgeModules(Rule):
                     f"self.{attr} of '{model.name}' is built under a condition that is not the {stage}-stage "
                     f"test; it belongs on the {stage} stage only",
                 )
-            elif not _inside_conditional(value, held, owners):
+            elif not _inside_conditional(value, held, guards.owners):
                 reported = True
                 self.report(
                     value,
@@ -975,15 +979,18 @@ class EdgeModules(Rule):
                 "tests it against None",
             )
 
-    def _stage_kind(self, test: cst.BaseExpression, holds: bool) -> str | None:
+    def _stage_kind(self, test: cst.BaseExpression, holds: bool, aliases: dict) -> str | None:
         """What a stage test establishes: 'first', 'last', their negations, 'other' (it
         mentions the stage but says something else), or None (it does not mention it)."""
-        kind = self._classify(test)
+        kind = self._classify(test, aliases)
         return kind if kind is None or holds else _NEGATED[kind]
 
-    def _classify(self, test: cst.BaseExpression) -> str | None:
+    def _classify(self, test: cst.BaseExpression, aliases: dict[str, cst.BaseExpression]) -> str | None:
         if self._is_stage_index(test):  # `if stage_id:` holds on every stage but the first
             return "not-first"
+        name = dotted_name(test)
+        if name in aliases:  # `is_last = stage_id == num_stages - 1` ... `if is_last:`
+            return self._classify(aliases[name], {k: v for k, v in aliases.items() if k != name})
         if isinstance(test, cst.Comparison) and len(test.comparisons) == 1:
             target = test.comparisons[0]
             operator = type(target.operator)
@@ -1072,6 +1079,19 @@ class EdgeModules(Rule):
                     self.lm_head = None if stage_id != num_stages - 1 else nn.Linear(config.hidden_size, 8)
             """
         ),
+        Valid(
+            """
+            class Model(nn.Module):
+                def __init__(self, config, num_stages, stage_id):
+                    if config.tie_word_embeddings:
+                        raise NotImplementedError("tied embeddings cannot span pipeline stages")
+                    self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if not stage_id else None
+                    self.layers = nn.ModuleDict()
+                    is_last = stage_id == num_stages - 1
+                    self.norm = nn.RMSNorm(config.hidden_size) if is_last else None
+                    self.lm_head = nn.Linear(config.hidden_size, config.vocab_size) if is_last else None
+            """
+        ),
     ]
     INVALID = [
         Invalid(
@@ -1102,6 +1122,17 @@ class EdgeModules(Rule):
             """,
             profile="v2",
         ),
+        Invalid(
+            """
+            class Model(nn.Module):
+                def __init__(self, config, num_stages, stage_id):
+                    self.layers = nn.ModuleDict()
+                    is_edge = stage_id == 0
+                    self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if is_edge else None
+                    self.norm = nn.RMSNorm(config.hidden_size) if is_edge else None  # [PTL110]
+                    self.lm_head = nn.Linear(config.hidden_size, config.vocab_size) if is_edge else None  # [PTL110]
+            """
+        ),
     ]
 
 
@@ -1115,6 +1146,32 @@ def _is_stage_attr(node: cst.BaseExpression, names: tuple[str, ...]) -> bool:
         and node.value.value == "self"
         and node.attr.value in names
     )
+
+
+@dataclass
+class _Guards:
+    """What decides where the statements of a model constructor run."""
+
+    conditions: dict[int, tuple[Condition, ...]]  # id(node) -> the conditions that hold there
+    owners: dict[int, cst.CSTNode]  # id(test) -> its if / conditional expression
+    aliases: dict[str, cst.BaseExpression]  # variables assigned once -> their value
+
+
+def _single_assignments(func: cst.FunctionDef) -> dict[str, cst.BaseExpression]:
+    """``name`` / ``self.name`` -> value, for the names ``func`` assigns exactly once (a
+    plain ``x = value``)."""
+    counts: dict[str, int] = {}
+    values: dict[str, cst.BaseExpression] = {}
+    for node in walk_no_nested_scopes(func):
+        for target in _assign_targets(node):
+            name = dotted_name(target)
+            if name is not None:
+                counts[name] = counts.get(name, 0) + 1
+        if isinstance(node, cst.Assign) and len(node.targets) == 1:
+            name = dotted_name(node.targets[0].target)
+            if name is not None:
+                values[name] = node.value
+    return {name: value for name, value in values.items() if counts[name] == 1}
 
 
 def _inside_conditional(node: cst.CSTNode, held: tuple[Condition, ...], owners: dict[int, cst.CSTNode]) -> bool:
