@@ -776,11 +776,12 @@ class RouterAttributeName(Rule):
     the installed ``transformers`` and is not checked yet.)
 
     Why it matters:
-    The trainer installs the load-balance loss function, router replay and the
-    context-parallel unwrap through ``mlp.gate`` / ``mlp.router``. A router stored under
-    any other name is silently skipped: no load-balance loss, no replay, a compiled router
-    under context parallelism. The name is also part of every state-dict key, so it must
-    match the checkpoint's.
+    The trainer finds the router as ``getattr(mlp, "gate", None) or getattr(mlp, "router",
+    None)`` to install the load-balance loss function (and, in the seed era, to unwrap the
+    compiled ``compute`` under context parallelism), and the initialisation groups
+    parameters by ``.gate.weight`` / ``.router.weight``. A router stored under any other
+    name is silently skipped: training runs without the load-balance loss. The name is also
+    part of every state-dict key, so it must match the checkpoint's.
 
     Example:
         class MoE(nn.Module):

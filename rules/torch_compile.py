@@ -482,8 +482,10 @@ class ScoreModCapturesParameter(Rule):
     (v2 kernels take the sinks directly: ``flash_attn_func(q, k, v, ..., learnable_sink=sinks)``.)
 
     Where it comes from:
-    The gpt-oss port: attention sinks written as a ``score_mod`` over ``self.sinks`` kept the
-    stage-1 region from compiling until they were moved to a post-op.
+    PithTrain's compile notes for gpt-oss attention sinks: a ``score_mod`` over the sink
+    parameter forces the stage-1 region to be unwrapped, so the seed-era model applies the
+    sinks as a log-sum-exp renormalisation after the kernel, and the current one passes them
+    to the kernel.
     """
 
     code = "PTL204"
