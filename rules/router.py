@@ -7,7 +7,7 @@ import libcst as cst
 from pithlint.analysis.calls import compile_decorator, self_method_name
 from pithlint.analysis.conditions import Condition, atoms, guarded_walk
 from pithlint.analysis.names import dotted_name
-from pithlint.analysis.structure import ClassInfo, constructed_classes, reachable_functions
+from pithlint.analysis.structure import ClassInfo, constructed_classes, may_inherit, reachable_functions
 from pithlint.analysis.walk import walk, walk_no_nested_scopes
 from pithlint.context import FileContext
 from pithlint.rule import Invalid, Rule, Valid
@@ -125,7 +125,7 @@ class RouterContract(Rule):
     def check(self) -> None:
         for router in self.ctx.structure.router_classes:
             missing = [a for a in self.profile.router_required_attrs if not router.defines(a)]
-            if missing:
+            if missing and not may_inherit(router):
                 names = ", ".join(missing)
                 self.report(router.node.name, f"router '{router.name}' does not define {names}: the framework reads each of them")
             self._check_weight(router)
@@ -152,7 +152,8 @@ class RouterContract(Rule):
         for method, arity in profile.router_outputs:
             func = router.methods.get(method)
             if func is None:
-                self.report(router.node.name, f"router '{router.name}' has no '{method}' method (the {profile.name} router API is {api})")
+                if not may_inherit(router):
+                    self.report(router.node.name, f"router '{router.name}' has no '{method}' method (the {profile.name} router API is {api})")
                 continue
             for node in walk_no_nested_scopes(func):
                 if isinstance(node, cst.Return) and isinstance(node.value, cst.Tuple):
@@ -240,6 +241,28 @@ class RouterContract(Rule):
                 def __init__(self, config):
                     super().__init__()
                     self.mlp = DsMoE(config) if config.is_moe else DenseMLP(config)
+
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+            """,
+            profile="v2",
+        ),
+        # A router deriving from a shared base: the base may hold the hooks and the weight.
+        Valid(
+            """
+            class Gate(TopKRouterBase):
+                def forward(self, hidden_states):
+                    return topk_idx, topk_weight, lb_loss
+
+            class MoE(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.experts = Experts(config)
+                    self.gate = Gate(config)
+
+            class Layer(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.mlp = MoE(config)
 
                 def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
             """,
@@ -825,7 +848,8 @@ class RouterAttributeName(Rule):
                 if routers:
                     self.report(value, f"MoE block '{moe.name}' stores its router '{routers[0]}' as self.{attr}; the framework looks it up as {expected}")
                     return
-        self.report(moe.node.name, f"MoE block '{moe.name}' has no router attribute named {expected}: the framework looks up exactly these names")
+        if not may_inherit(moe):  # a base class may store it
+            self.report(moe.node.name, f"MoE block '{moe.name}' has no router attribute named {expected}: the framework looks up exactly these names")
 
     VALID = [
         Valid(

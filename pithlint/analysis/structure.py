@@ -41,6 +41,16 @@ class ClassInfo:
         return [value for target, value in _self_assignments(init) if target == attr]
 
 
+# Bases that provide no attributes or methods of the protocol.
+PLAIN_BASES = frozenset({"nn.Module", "torch.nn.Module", "Module", "object"})
+
+
+def may_inherit(cls: ClassInfo) -> bool:
+    """``cls`` derives from something other than a plain module, which may define what the
+    class itself does not: a rule cannot call an attribute or method missing."""
+    return any(base not in PLAIN_BASES for base in cls.bases)
+
+
 def _self_assignments(func: cst.FunctionDef):
     """(attribute, value) for each ``self.attr = value`` / ``self.attr: T = value`` in ``func``."""
     for node in walk_no_nested_scopes(func):
