@@ -83,6 +83,8 @@ def check(paths, select, extend_select, ignore, profile, show_profile, output_fo
         findings.extend(result.findings)
         failed = failed or result.failed
     findings.sort(key=lambda f: f.sort_key())
+    for notice in run.notices:
+        click.echo(f"note: {notice}", err=True)
 
     report = format_json(findings) if output_format == "json" else format_text(findings, len(files), statistics)
     if output_file:

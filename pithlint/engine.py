@@ -15,11 +15,12 @@ from pathlib import Path
 import libcst as cst
 
 from pithlint import registry
-from pithlint.config import Settings
+from pithlint.config import Settings, find_project_root
 from pithlint.context import FileContext
-from pithlint.profiles import PROFILES, Detection, Profile, detect_profile
+from pithlint.profiles import PROFILES, Detection, Profile, detect_profile, with_project_paths
+from pithlint.project import Project
 from pithlint.rule import Finding, Rule
-from pithlint.suppressions import parse_suppressions
+from pithlint.suppressions import SuppressionTable, parse_suppressions
 
 # Engine diagnostics that are not rules of the catalog.
 INTERNAL_ERROR = ("PTL000", "internal-error")
@@ -45,6 +46,12 @@ class LintRun:
     detection: Detection
     enabled: set[str]
     rules: list[type[Rule]]
+    # Said once per run, not findings (e.g. a cross-file rule skipped: its file is absent).
+    notices: list[str] = field(default_factory=list)
+    # One cross-file index per project root, and the cross-file findings already reported.
+    _projects: dict[Path, Project] = field(default_factory=dict)
+    _reported_elsewhere: set[tuple] = field(default_factory=set)
+    _suppressions_elsewhere: dict[str, SuppressionTable] = field(default_factory=dict)
 
     @classmethod
     def create(
@@ -70,7 +77,7 @@ class LintRun:
                 [*settings.extend_select, *extend_select],
                 [*settings.ignore, *ignore],
             )
-        active = detection.profile
+        active = with_project_paths(detection.profile, settings.project_paths)
         rules = [
             r
             for r in registry.all_rules()
@@ -97,13 +104,14 @@ class LintRun:
         return result
 
     def lint_source(self, source: str, path: str) -> list[Finding]:
+        project = self.project_for(path)
         try:
-            module = cst.parse_module(source)
+            module = project.parse(path, source) if project is not None else cst.parse_module(source)
         except cst.ParserSyntaxError as exc:
             return [_syntax_error(path, source, exc)] if "PTL001" in self.enabled else []
         except RecursionError:
             return [_file_error(path, "the file is too deeply nested to parse")]
-        ctx = FileContext(path, source, module, self.profile, project=None, private_paths=tuple(self.settings.private_paths))
+        ctx = FileContext(path, source, module, self.profile, project=project, private_paths=tuple(self.settings.private_paths))
         findings: list[Finding] = []
         for rule_cls in self.rules:
             if rule_cls.model_files_only and not ctx.is_model_file:
@@ -127,15 +135,42 @@ class LintRun:
                     )
                 )
         findings.extend(self._position(ctx))
-        return self._filter(findings, source, path)
+        return self._filter(findings, source, path, project)
+
+    def project_for(self, path: str) -> Project | None:
+        """The cross-file index of the project ``path`` belongs to: the configured root when
+        the file is under it, else the file's own nearest root. None when no enabled rule
+        needs one."""
+        if not any(r.scope == "project" for r in self.rules):
+            return None
+        resolved = Path(path).resolve()
+        root = self.settings.root.resolve() if self.settings.root is not None else None
+        if root is None or not resolved.is_relative_to(root):
+            root = find_project_root(resolved)[0]
+        if root is None:
+            notice = "cross-file rules skipped: no project root (pyproject.toml or VCS root) above the linted files; pass --config"
+            if notice not in self.notices:
+                self.notices.append(notice)
+            return None
+        if root not in self._projects:
+            self._projects[root] = Project(root, self.profile, self.notices)
+        return self._projects[root]
 
     def _position(self, ctx: FileContext) -> list[Finding]:
         findings = []
         for pending in ctx.pending:
             rule = pending.rule
             if pending.path is not None:
-                line = pending.line or 1
-                findings.append(Finding(rule.code, rule.name, pending.path, line, 1, line, 1, pending.message, rule.severity, pending.fix))
+                # A finding in another file of the project (the harness, the converter, ...),
+                # written relative or absolute like the linted file's path.
+                path = Project.display(pending.path, ctx.path)
+                code_range = ctx.project.position(pending.path, pending.node) if ctx.project and pending.node is not None else None
+                if code_range is None:
+                    line = pending.line or 1
+                    findings.append(Finding(rule.code, rule.name, path, line, 1, line, 1, pending.message, rule.severity, pending.fix))
+                    continue
+                start, end = code_range.start, code_range.end
+                findings.append(Finding(rule.code, rule.name, path, start.line, start.column + 1, end.line, end.column + 1, pending.message, rule.severity, pending.fix))
                 continue
             code_range = ctx.position(pending.node)
             findings.append(
@@ -154,14 +189,18 @@ class LintRun:
             )
         return findings
 
-    def _filter(self, findings: list[Finding], source: str, path: str) -> list[Finding]:
+    def _filter(self, findings: list[Finding], source: str, path: str, project: Project | None) -> list[Finding]:
         """Apply per-file-ignores and suppression comments; add PTL002/PTL003."""
         ignored = self._per_file_ignored(path)
         table = parse_suppressions(source, registry.resolve_code)
         kept = [
             f
             for f in findings
-            if f.code not in ignored and (f.path != path or not table.suppresses(f.code, f.line))
+            if (
+                f.code not in ignored and not table.suppresses(f.code, f.line)
+                if f.path == path
+                else self._keep_elsewhere(f, project)
+            )
         ]
         by_code = registry.by_code()
         if "PTL002" in self.enabled and "PTL002" not in ignored:
@@ -182,6 +221,8 @@ class LintRun:
                     code = registry.resolve_code(entry)
                     if code is None or code in suppression.used or code not in self.active_codes:
                         continue
+                    if code in self._cross_file_codes and project is not None and project.reads(path):
+                        continue  # it may silence a finding that linting another file reports here
                     kept.append(
                         Finding(
                             rule.code, rule.name, path, suppression.line, suppression.column,
@@ -191,9 +232,27 @@ class LintRun:
                     )
         return kept
 
+    def _keep_elsewhere(self, finding: Finding, project: Project | None) -> bool:
+        """A finding located in another file: report it once per run however many linted
+        files lead to it, and honour that file's per-file-ignores and suppressions."""
+        key = (finding.code, finding.path, finding.line, finding.column, finding.message)
+        if key in self._reported_elsewhere:
+            return False
+        self._reported_elsewhere.add(key)
+        if finding.code in self._per_file_ignored(finding.path):
+            return False
+        if finding.path not in self._suppressions_elsewhere:
+            source = project.source_of(finding.path) if project is not None else None
+            self._suppressions_elsewhere[finding.path] = parse_suppressions(source or "", registry.resolve_code)
+        return not self._suppressions_elsewhere[finding.path].suppresses(finding.code, finding.line)
+
     @property
     def active_codes(self) -> set[str]:
         return {r.code for r in self.rules}
+
+    @property
+    def _cross_file_codes(self) -> set[str]:
+        return {r.code for r in self.rules if r.scope == "project"}
 
     def _per_file_ignored(self, path: str) -> set[str]:
         codes: set[str] = set()

@@ -109,6 +109,18 @@ class Profile:
     converter: str
     token_scatter_module: str
     fsdp_method_registration: str
+    # Functions of those files the cross-file rules read (same names in both eras).
+    harness_init_function: str  # the harness's class-dispatched weight init
+    harness_shard_function: str  # the harness's expert-parallel slicing
+    expert_count_attrs: tuple[str, ...]  # attributes holding an expert count (routers have them too)
+    setup_function: str  # the training module's model construction
+    fsdp_function: str  # the training module's (and harness's) FSDP wrapping
+    p2p_shape_setter: str
+    pipeline_class: str
+    # Converter functions by direction (name fragments) and detection predicates (prefixes).
+    converter_import_entries: tuple[str, ...]
+    converter_export_entries: tuple[str, ...]
+    converter_detector_prefixes: tuple[str, ...]
     # 13. allowlists
     hf_class_allowlist: tuple[str, ...]
     # 14. grammar: libcst's native parser handles 3.10+ syntax for both eras
@@ -221,6 +233,19 @@ V1 = Profile(
     converter="pithtrain/tasks/convert_checkpoint.py",
     token_scatter_module="pithtrain/operators/token_scatter.py",
     fsdp_method_registration="register_fsdp_forward_method",
+    harness_init_function="fill_weights",
+    harness_shard_function="shard_experts",
+    expert_count_attrs=("num_experts", "n_routed_experts", "num_local_experts", "experts_per_rank"),
+    setup_function="setup_model",
+    fsdp_function="apply_fsdp",
+    p2p_shape_setter="pithtrain.dualpipe.set_p2p_tensor_shapes",
+    pipeline_class="pithtrain.dualpipe.DualPipeV",
+    # v1: module functions hf2dcp/_hf2dcp_<m> and dcp2hf; v2: converter classes' hf2dcp and
+    # postprocess_canonical (called by dcp2hf).
+    converter_import_entries=("hf2dcp",),
+    converter_export_entries=("dcp2hf", "postprocess_canonical"),
+    # v1: _is_<m> / _is_<m>_dcp; v2: detect_hf / detect_dcp methods.
+    converter_detector_prefixes=("_is_", "is_", "detect"),
     hf_class_allowlist=("DeepseekV2Lite*", "Qwen3MoeMoE", "Qwen3MoeGate", "Qwen3MoeExperts"),
 )
 
@@ -288,6 +313,23 @@ V2 = dataclasses.replace(
 )
 
 PROFILES = {"v1": V1, "v2": V2}
+
+# [tool.pithlint] keys that relocate a profile's cross-file locations, and the fields they set.
+PROJECT_PATH_FIELDS = {
+    "models-dir": "models_dir",
+    "harness": "harness",
+    "training-module": "training_module",
+    "examples-dir": "examples_dir",
+    "converter": "converter",
+    "token-scatter": "token_scatter_module",
+}
+
+
+def with_project_paths(profile: Profile, paths: dict[str, str]) -> Profile:
+    """``profile`` with the locations configured in ``[tool.pithlint]``."""
+    if not paths:
+        return profile
+    return dataclasses.replace(profile, **{PROJECT_PATH_FIELDS[k]: v for k, v in paths.items()})
 
 
 @dataclass
