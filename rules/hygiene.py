@@ -306,7 +306,7 @@ class LeftPaddedPrompts(Rule):
     model_files_only = False
 
     def check(self) -> None:
-        if any(word in self.ctx.source for word in _MASK_WORDS):
+        if self._builds_mask():
             return
         if not any(self._is_longest(call) for call in self.ctx.nodes(cst.Call)):
             return
@@ -316,6 +316,11 @@ class LeftPaddedPrompts(Rule):
             if longest and any(self._pads_left(n) for n in nodes):
                 for call in longest:
                     self.report(call, f"'{self.ctx.module.code_for_node(call)}' left-pads the prompts to the longest, and the model gets no key-padding mask: it attends to the pads; trim every prompt to the shortest (min) instead")
+
+    def _builds_mask(self) -> bool:
+        """The file names a key-padding mask in code (a name, keyword, attribute or key)."""
+        texts = [n.value for n in self.ctx.nodes(cst.Name)] + [s.value for s in self.ctx.nodes(cst.SimpleString)]
+        return any(word in text for text in texts for word in _MASK_WORDS)
 
     def _is_longest(self, call: cst.Call) -> bool:
         """``max(<lengths>)`` with one argument that computes lengths."""
@@ -414,6 +419,7 @@ class LeftPaddedPrompts(Rule):
             from torch.nn import functional as F
 
             def pad_batch(enc, pad_id):
+                # no attention_mask: the pipeline takes token ids only
                 width = max(map(len, enc))  # [PTL903]
                 return torch.stack([F.pad(t, (width - len(t), 0), value=pad_id) for t in enc])
 
