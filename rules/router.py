@@ -27,7 +27,7 @@ def _is_class_call(ctx: FileContext, call: cst.Call, class_name: str, method: st
     return target is not None and target.rsplit(".", 1)[-1] == class_name
 
 
-def is_tracker_add(ctx: FileContext, call: cst.Call) -> bool:
+def _is_tracker_add(ctx: FileContext, call: cst.Call) -> bool:
     """``MoELoadBalanceLossTracker.add(...)`` (names from the profile)."""
     return _is_class_call(ctx, call, ctx.profile.lb_tracker, ctx.profile.lb_tracker_add)
 
@@ -162,7 +162,7 @@ class RouterContract(Rule):
                         self.report(node, f"'{router.name}.{method}' returns a {len(elements)}-tuple; the {profile.name} router API is {api}")
         method = profile.router_tracker_method
         func = router.methods.get(method) if method else None
-        if func is not None and not any(isinstance(n, cst.Call) and is_tracker_add(self.ctx, n) for n in walk(func)):
+        if func is not None and not any(isinstance(n, cst.Call) and _is_tracker_add(self.ctx, n) for n in walk(func)):
             self.report(func.name, f"'{router.name}.{method}' never calls {profile.lb_tracker}.{profile.lb_tracker_add}(lb_loss): the eager forward records the load-balance loss")
 
     VALID = [
@@ -610,7 +610,7 @@ class SideEffectInCompiledRegion(Rule):
         ctx = self.ctx
         if isinstance(node, cst.Call):
             func = node.func
-            if is_tracker_add(ctx, node):
+            if _is_tracker_add(ctx, node):
                 return f"{self.profile.lb_tracker}.{self.profile.lb_tracker_add}(...)"
             if isinstance(func, cst.Attribute):
                 method = func.attr.value
