@@ -687,6 +687,8 @@ class Project:
                         converter = converter.removeprefix(prefix)
                     found.append(Detector(converter.removesuffix("_dcp").removesuffix("_hf"), _detector_direction(name), func, pf))
             for info in pf.classes.values():
+                if any(base.rpartition(".")[2] == "Protocol" for base in info.bases):
+                    continue  # the interface converters implement, not a converter
                 for name, func in info.methods.items():
                     if name.startswith(prefixes):
                         found.append(Detector(info.name, _detector_direction(name), func, pf))

@@ -6,7 +6,10 @@ import re
 
 import libcst as cst
 
+from pithlint.analysis.names import dotted_name
+from pithlint.analysis.structure import functions_called_from
 from pithlint.analysis.walk import walk
+from pithlint.project import raw_parameters
 from pithlint.rule import Fix, Invalid, Rule, Valid
 
 _LITERAL_INDEX = (cst.Integer, cst.SimpleString, cst.Ellipsis, cst.Float)
@@ -374,3 +377,492 @@ def _is_shape_of(value: cst.BaseExpression) -> bool:
         and value.func.attr.value == "size"
         and not value.args
     )
+
+
+# -- PTL206 ---------------------------------------------------------------------------------------
+
+
+def _loop_variant_names(loop: cst.For | cst.While) -> set[str]:
+    """Names that change from one iteration to the next: the loop target and every name
+    assigned in the body."""
+    names = set()
+    if isinstance(loop, cst.For):
+        names.update(n.value for n in walk(loop.target) if isinstance(n, cst.Name))
+    for node in walk(loop.body):
+        if isinstance(node, cst.Assign):
+            for target in node.targets:
+                names.update(n.value for n in walk(target.target) if isinstance(n, cst.Name))
+        elif isinstance(node, (cst.AugAssign, cst.AnnAssign)) and isinstance(node.target, cst.Name):
+            names.add(node.target.value)
+    return names
+
+
+def _cursor_slice(expr: cst.BaseExpression, variant: set[str]) -> bool:
+    """``buf[:, :cursor]``: a slice whose bounds move with the loop."""
+    if not isinstance(expr, cst.Subscript):
+        return False
+    for element in expr.slice:
+        bound = element.slice
+        if isinstance(bound, cst.Slice):
+            for part in (bound.lower, bound.upper):
+                if part is not None and any(isinstance(n, cst.Name) and n.value in variant for n in walk(part)):
+                    return True
+    return False
+
+
+def _grows(name: str, value: cst.BaseExpression, resolve) -> bool:
+    """``name = torch.cat([name, ...])``: the buffer gets longer every step."""
+    return (
+        isinstance(value, cst.Call)
+        and resolve(value.func) in ("torch.cat", "torch.concat", "torch.concatenate", "torch.hstack")
+        and any(isinstance(n, cst.Name) and n.value == name for n in walk(value))
+    )
+
+
+class DynamicShapeIntoCompiled(Rule):
+    """
+    What it does:
+    In code that drives the project's models in a loop (a decode or inference harness, a
+    test), reports shapes that change from one call to the next: the input passed to a model
+    (an instance of a class from the project's models package, or of the pipeline class) is
+    sliced by a bound that moves with the loop (``buf[:, :cursor]``), or is a buffer that the
+    loop grows with ``torch.cat``; and ``set_p2p_tensor_shapes`` is called inside a loop.
+
+    Why it matters:
+    Every new sequence length is a new shape for the compiled regions (``fullgraph=True``
+    stage bodies, flex attention): each one retraces, tens of seconds a token. Decoding
+    looks hung, and the recompile limit eventually drops to eager or fails. The pipeline's
+    point-to-point buffers are sized once by ``set_p2p_tensor_shapes``; resizing them per
+    step breaks the same way.
+
+    Example:
+        for step in range(max_new_tokens):
+            logits = model(buffer[:, :cursor])
+            cursor += 1
+
+    Use instead:
+        buffer = torch.full((batch, prompt_len + max_new_tokens), pad_id)
+        set_p2p_tensor_shapes([(1, prompt_len + max_new_tokens, hidden)])
+        for step in range(max_new_tokens):
+            logits = model(buffer)  # read the logit at cursor - 1
+            cursor += 1
+
+    Where it comes from:
+    PithTrain's inference-test template and compile notes: decode with one static-length
+    buffer so the stage-1 region compiles once.
+    """
+
+    code = "PTL206"
+    name = "dynamic-shape-into-compiled"
+    message = "a shape that changes every step reaches a compiled region"
+    scope = "project"
+    model_files_only = False
+
+    def check(self) -> None:
+        if self.ctx.is_model_file:
+            return
+        loops = [*self.ctx.nodes(cst.For), *self.ctx.nodes(cst.While)]
+        if not loops:
+            return
+        instances = self._model_instances()
+        package, _, setter = self.profile.p2p_shape_setter.rpartition(".")
+        reported: set[int] = set()
+        for loop in loops:
+            variant = _loop_variant_names(loop)
+            assigned = {
+                t.target.value: node.value
+                for node in walk(loop.body)
+                if isinstance(node, cst.Assign)
+                for t in node.targets
+                if isinstance(t.target, cst.Name)
+            }
+            for call in walk(loop.body):
+                if not isinstance(call, cst.Call) or id(call) in reported:
+                    continue
+                resolved = self.ctx.imports.resolve(call.func) or ""
+                if resolved.startswith(package + ".") and resolved.endswith("." + setter):
+                    reported.add(id(call))
+                    self.report(call, f"{setter}() inside a loop: the pipeline's buffers change shape every iteration; size them once, before the loop")
+                elif instances and self._is_model_call(call, instances):
+                    reason = self._moving_input(call, variant, assigned)
+                    if reason is not None:
+                        reported.add(id(call))
+                        self.report(call, f"the model input {reason}: every step is a new shape and a retrace of the compiled regions; pass one buffer of the final length")
+
+    def _model_instances(self) -> set[str]:
+        """Local names bound to model objects: instances of classes imported from the models
+        package or of the pipeline class (directly, through an alias such as
+        ``ModelClass = GptOssModel``, or a function annotated to return one), and
+        parameters annotated with those classes."""
+        models_package = self.profile.models_dir.strip("/").replace("/", ".") + "."
+        classes = {
+            local
+            for local, target in self.ctx.imports.aliases.items()
+            if target.startswith(models_package) or target == self.profile.pipeline_class
+        }
+        if not classes:
+            return set()
+        for node in self.ctx.nodes(cst.Assign):
+            if isinstance(node.value, cst.Name) and node.value.value in classes:
+                classes.update(t.target.value for t in node.targets if isinstance(t.target, cst.Name))
+        makers = set(classes)
+        for func in self.ctx.nodes(cst.FunctionDef):
+            if func.returns is not None and any(isinstance(n, cst.Name) and n.value in classes for n in walk(func.returns)):
+                makers.add(func.name.value)
+        instances = set()
+        for node in self.ctx.nodes(cst.Assign):
+            if isinstance(node.value, cst.Call) and dotted_name(node.value.func) in makers:
+                instances.update(t.target.value for t in node.targets if isinstance(t.target, cst.Name))
+        for param in self.ctx.nodes(cst.Param):
+            if param.annotation is not None and any(isinstance(n, cst.Name) and n.value in classes for n in walk(param.annotation)):
+                instances.add(param.name.value)
+        return instances
+
+    @staticmethod
+    def _is_model_call(call: cst.Call, instances: set[str]) -> bool:
+        func = call.func
+        if isinstance(func, cst.Attribute):
+            func = func.value
+        return isinstance(func, cst.Name) and func.value in instances
+
+    def _moving_input(self, call: cst.Call, variant: set[str], assigned: dict) -> str | None:
+        for arg in call.args:
+            value = arg.value
+            if _cursor_slice(value, variant):
+                return "is sliced by a bound that moves with the loop"
+            if isinstance(value, cst.Name) and value.value in assigned:
+                source = assigned[value.value]
+                if _cursor_slice(source, variant):
+                    return f"'{value.value}' is sliced by a bound that moves with the loop"
+                if _grows(value.value, source, self.ctx.imports.resolve):
+                    return f"'{value.value}' grows by torch.cat every step"
+        return None
+
+    VALID = [
+        Valid(
+            """
+            import torch
+            from pithtrain.dualpipe import DualPipeV, set_p2p_tensor_shapes
+
+            def generate(dualpipev: DualPipeV, buffer, prompt_len, max_new_tokens, hidden):
+                set_p2p_tensor_shapes([(1, buffer.shape[1], hidden)])
+                cursor = prompt_len
+                for step in range(max_new_tokens):
+                    loss, logits = dualpipev.step(buffer, num_chunks=2, criterion=None)
+                    buffer[:, cursor] = logits[:, cursor - 1].argmax(-1)
+                    cursor += 1
+            """,
+            example_path="tests/test_inference.py",
+        ),
+        # Training loops hand the model fixed-size micro-batches.
+        Valid(
+            """
+            from pithtrain.models.qwen3_moe import Qwen3MoeModel
+
+            def reference_step(x, chunks, config):
+                model = Qwen3MoeModel(config, num_stages=1, stage_id=0)
+                for micro_x in x.chunk(chunks):
+                    model(micro_x).sum().backward()
+            """,
+            example_path="tests/test_fsdp.py",
+        ),
+    ]
+    INVALID = [
+        Invalid(
+            """
+            import torch
+            from pithtrain.dualpipe import set_p2p_tensor_shapes
+            from pithtrain.models.qwen3_moe import Qwen3MoeModel
+
+            def decode(config, buffer, ids, cursor, steps, hidden):
+                ModelClass = Qwen3MoeModel
+                model = ModelClass(config, num_stages=1, stage_id=0)
+                for step in range(steps):
+                    set_p2p_tensor_shapes([(1, cursor, hidden)])  # [PTL206]
+                    logits = model(buffer[:, :cursor])  # [PTL206]
+                    window = buffer[:, : cursor + 1]
+                    model.reference_forward(window)  # [PTL206]
+                    cursor += 1
+                while True:
+                    ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+                    logits = model(ids)  # [PTL206]
+            """,
+            example_path="tests/test_inference.py",
+        ),
+    ]
+
+
+# -- PTL301 ---------------------------------------------------------------------------------------
+
+_GROUPED_MM = frozenset({"torch.nn.functional.grouped_mm", "torch._grouped_mm"})
+
+# Two token-scatter operators for the examples: one rounds the row count up to an
+# allocation multiple (the seed era), one returns exactly sum(ks) rows (upstream later).
+_PADDED_SCATTER = """
+import torch
+
+ALLOC_ROWS = 1024
+
+
+def scatter_for_grouped_gemm(tokens, expert_idxs, num_groups, padding_alignment=128):
+    counts = torch.bincount(expert_idxs, minlength=num_groups).tolist()
+    ks = [-(-c // padding_alignment) * padding_alignment for c in counts]
+    rows = -(-sum(ks) // ALLOC_ROWS) * ALLOC_ROWS
+    out = tokens.new_zeros(rows, tokens.shape[1])
+    offs = torch.tensor(ks).cumsum(0).int()
+    return out, None, offs, ks, offs
+"""
+_EXACT_SCATTER = _PADDED_SCATTER.replace("out = tokens.new_zeros(rows, tokens.shape[1])", "out = tokens.new_zeros(sum(ks), tokens.shape[1])")
+
+
+def _statements(body: cst.BaseSuite) -> list[cst.BaseStatement]:
+    return list(body.body) if isinstance(body, cst.IndentedBlock) else []
+
+
+def _is_docstring(statement: cst.BaseStatement) -> bool:
+    return (
+        isinstance(statement, cst.SimpleStatementLine)
+        and isinstance(statement.body[0], cst.Expr)
+        and isinstance(statement.body[0].value, (cst.SimpleString, cst.ConcatenatedString))
+    )
+
+
+class GroupedMmPaddingRows(Rule):
+    """
+    What it does:
+    Reports an experts ``forward(x, grouped_mm_offs, ks=None, ks_tensor=None)`` that combines
+    the grouped-GEMM rows with a per-expert parameter other than the GEMM weights (a bias
+    gathered by group ids, ``bias[group_ids]``, an indexed-bias-add op, a per-expert scale)
+    without first truncating its input to the real rows, ``x = x[:sum(ks)]`` — unless the
+    project's ``scatter_for_grouped_gemm`` (read from the token-scatter module) returns
+    exactly ``sum(ks)`` rows. Experts whose only parameters are the GEMM weights (plain
+    SwiGLU over grouped-linear weights) do not need the truncation.
+
+    Why it matters:
+    A scatter operator that over-allocates (rounding the row count up to an allocation
+    multiple) hands the experts rows past ``offs[-1]``. ``F.grouped_mm`` never writes those
+    output rows: they hold whatever the allocator recycled, often NaN. They are never
+    gathered back, so forward looks right; but adding a bias to them makes the bias gradient
+    a sum that includes ``0 * NaN``, and the expert biases' gradients go NaN or are off by
+    orders of magnitude, on some steps only.
+
+    Example:
+        def forward(self, x, grouped_mm_offs, ks=None, ks_tensor=None):
+            group_ids = torch.searchsorted(grouped_mm_offs, torch.arange(x.shape[0]), right=True)
+            out = F.grouped_mm(x, self.w.transpose(-2, -1), offs=grouped_mm_offs)
+            return out + self.bias[group_ids]
+
+    Use instead:
+        def forward(self, x, grouped_mm_offs, ks=None, ks_tensor=None):
+            if ks is not None:
+                x = x[:sum(ks)]
+            ...
+
+    Fix safety:
+    Unsafe: the fix inserts the truncation at the top of ``forward`` (guarded by
+    ``ks is not None`` when ``ks`` is optional), which changes the experts' output length from
+    the padded row count to ``sum(ks)``. Callers that gather rows by the scatter's reverse
+    indices only read rows below ``sum(ks)``; a caller that relies on the padded length must
+    be checked by hand.
+
+    Where it comes from:
+    PithTrain's gpt-oss experts (expert biases) and the protocol notes on the token scatter
+    (section 3.3): the scatter returned the rounded row count; upstream later narrowed it
+    to ``sum(ks)`` and removed the truncation.
+    """
+
+    code = "PTL301"
+    name = "grouped-mm-padding-rows"
+    message = "experts add a per-expert parameter to grouped-GEMM padding rows"
+    scope = "project"
+    fix_availability = "unsafe"
+
+    def check(self) -> None:
+        candidates = []
+        for info in self.ctx.structure.classes.values():
+            forward = info.methods.get("forward")
+            if forward is None:
+                continue
+            methods = functions_called_from(info, forward, {})
+            addons = self._addon_parameters(info, methods)
+            if addons and (info in self.ctx.structure.experts_classes or self._calls_grouped_mm(methods)) and not self._truncates(forward):
+                candidates.append((info, forward, addons))
+        if not candidates or self.ctx.project is None:
+            return
+        exact = self.ctx.project.scatter_exact(self.code)
+        if exact is None or exact:
+            return
+        scatter = self.profile.token_scatter_module
+        for info, forward, addons in candidates:
+            self.report(
+                forward.name,
+                f"{info.name}.forward applies {', '.join(addons)} to every grouped-GEMM row, but "
+                f"scatter_for_grouped_gemm ({scatter}) may return more than sum(ks) rows and the rows past "
+                "offs[-1] are never written (NaN): truncate x = x[:sum(ks)] first",
+                self._fix(forward),
+            )
+
+    def _addon_parameters(self, info, methods) -> list[str]:
+        """Raw per-expert parameters of at most two dimensions (biases, scales) the forward reads."""
+        small = {name for name, p in raw_parameters(info, self.ctx.imports).items() if p.dims is not None and p.dims <= 2}
+        read = {
+            node.attr.value
+            for func in methods
+            for node in walk(func)
+            if isinstance(node, cst.Attribute) and isinstance(node.value, cst.Name) and node.value.value == "self"
+        }
+        return sorted(small & read)
+
+    def _calls_grouped_mm(self, methods) -> bool:
+        return any(
+            isinstance(node, cst.Call) and self.ctx.imports.resolve(node.func) in _GROUPED_MM
+            for func in methods
+            for node in walk(func)
+        )
+
+    @staticmethod
+    def _params(forward: cst.FunctionDef) -> list[cst.Param]:
+        return [p for p in forward.params.params if p.name.value not in ("self", "cls")]
+
+    def _truncates(self, forward: cst.FunctionDef) -> bool:
+        """``x = x[:n]`` on the first argument, with ``n`` a ``sum(...)`` (directly or
+        through a local name)."""
+        params = self._params(forward)
+        if not params:
+            return False
+        x = params[0].name.value
+        sums = set()
+        for node in walk(forward.body):
+            if isinstance(node, cst.Assign) and isinstance(node.value, cst.Call) and dotted_name(node.value.func) == "sum":
+                sums.update(t.target.value for t in node.targets if isinstance(t.target, cst.Name))
+        for node in walk(forward.body):
+            if not (isinstance(node, cst.Assign) and isinstance(node.value, cst.Subscript)):
+                continue
+            if not any(isinstance(t.target, cst.Name) and t.target.value == x for t in node.targets):
+                continue
+            value = node.value
+            rows = value.slice[0].slice if value.slice else None
+            if dotted_name(value.value) != x or not isinstance(rows, cst.Slice) or rows.lower is not None or rows.upper is None:
+                continue
+            upper = rows.upper
+            if (isinstance(upper, cst.Call) and dotted_name(upper.func) == "sum") or (isinstance(upper, cst.Name) and upper.value in sums):
+                return True
+        return False
+
+    def _fix(self, forward: cst.FunctionDef) -> Fix | None:
+        params = {p.name.value: p for p in self._params(forward)}
+        if "ks" not in params or not isinstance(forward.body, cst.IndentedBlock):
+            return None
+        x = self._params(forward)[0].name.value
+        truncate = f"{x} = {x}[:sum(ks)]"
+        optional = params["ks"].default is not None
+        statement = cst.parse_statement(f"if ks is not None:\n    {truncate}\n" if optional else f"{truncate}\n")
+        body = _statements(forward.body)
+        at = 1 if body and _is_docstring(body[0]) else 0
+        new_body = forward.body.with_changes(body=[*body[:at], statement, *body[at:]])
+        return Fix(forward.body, new_body, "unsafe", f"truncate the experts input: {truncate}")
+
+    VALID = [
+        # The project's scatter narrows its output to exactly sum(ks) rows.
+        Valid(
+            """
+            import torch
+            import torch.nn.functional as F
+            from torch import nn
+
+            class Experts(nn.Module):
+                def __init__(self, e, h, i):
+                    super().__init__()
+                    self.w = nn.Parameter(torch.empty(e, h, i))
+                    self.bias = nn.Parameter(torch.zeros(e, h))
+
+                def forward(self, x, grouped_mm_offs, ks=None, ks_tensor=None):
+                    group_ids = torch.searchsorted(grouped_mm_offs, torch.arange(x.shape[0]), right=True)
+                    out = F.grouped_mm(x, self.w.transpose(-2, -1), offs=grouped_mm_offs)
+                    return out + self.bias[group_ids]
+            """,
+            files=(("pithtrain/operators/token_scatter.py", _EXACT_SCATTER),),
+        ),
+        # Over-allocating scatter, but the experts truncate first.
+        Valid(
+            """
+            import torch
+            import torch.nn.functional as F
+            from torch import nn
+
+            class Experts(nn.Module):
+                def __init__(self, e, h, i):
+                    super().__init__()
+                    self.w = nn.Parameter(torch.empty(e, h, i))
+                    self.bias = nn.Parameter(torch.zeros(e, h))
+
+                def forward(self, x, grouped_mm_offs, ks=None, ks_tensor=None):
+                    if ks is not None:
+                        actual_m = sum(ks)
+                        if actual_m < x.shape[0]:
+                            x = x[:actual_m]
+                    group_ids = torch.searchsorted(grouped_mm_offs, torch.arange(x.shape[0]), right=True)
+                    out = F.grouped_mm(x, self.w.transpose(-2, -1), offs=grouped_mm_offs)
+                    return out + self.bias[group_ids]
+            """,
+            files=(("pithtrain/operators/token_scatter.py", _PADDED_SCATTER),),
+        ),
+        # No per-expert parameter besides the GEMM weights: padding rows never reach a gradient.
+        Valid(
+            """
+            import torch.nn.functional as F
+            from torch import nn
+
+            class Experts(nn.Module):
+                def __init__(self, e, h, i):
+                    super().__init__()
+                    self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+                    self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+                def forward(self, x, grouped_mm_offs, ks=None, ks_tensor=None):
+                    gate_up = F.grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=grouped_mm_offs)
+                    gate, up = gate_up.chunk(2, dim=-1)
+                    return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=grouped_mm_offs)
+            """,
+            files=(("pithtrain/operators/token_scatter.py", _PADDED_SCATTER),),
+        ),
+    ]
+    INVALID = [
+        Invalid(
+            """
+            import torch
+            import torch.nn.functional as F
+            from torch import nn
+
+            class Experts(nn.Module):
+                def __init__(self, e, h, i):
+                    super().__init__()
+                    self.w = nn.Parameter(torch.empty(e, h, i))
+                    self.bias = nn.Parameter(torch.zeros(e, h))
+
+                def forward(self, x, grouped_mm_offs, ks=None, ks_tensor=None):  # [PTL301]
+                    group_ids = torch.searchsorted(grouped_mm_offs, torch.arange(x.shape[0]), right=True)
+                    out = F.grouped_mm(x, self.w.transpose(-2, -1), offs=grouped_mm_offs)
+                    return out + self.bias[group_ids]
+            """,
+            files=(("pithtrain/operators/token_scatter.py", _PADDED_SCATTER),),
+            fixed="""
+            import torch
+            import torch.nn.functional as F
+            from torch import nn
+
+            class Experts(nn.Module):
+                def __init__(self, e, h, i):
+                    super().__init__()
+                    self.w = nn.Parameter(torch.empty(e, h, i))
+                    self.bias = nn.Parameter(torch.zeros(e, h))
+
+                def forward(self, x, grouped_mm_offs, ks=None, ks_tensor=None):  # [PTL301]
+                    if ks is not None:
+                        x = x[:sum(ks)]
+                    group_ids = torch.searchsorted(grouped_mm_offs, torch.arange(x.shape[0]), right=True)
+                    out = F.grouped_mm(x, self.w.transpose(-2, -1), offs=grouped_mm_offs)
+                    return out + self.bias[group_ids]
+            """,
+        ),
+    ]
