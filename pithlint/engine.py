@@ -7,6 +7,7 @@ import ast
 import fnmatch
 import io
 import os
+import re
 import tokenize
 import traceback
 from dataclasses import dataclass, field
@@ -17,10 +18,13 @@ import libcst as cst
 from pithlint import registry
 from pithlint.config import Settings, find_project_root
 from pithlint.context import FileContext
+from pithlint.deep_stack import MAX_DEPTH, call_with_deep_stack, excessive_nesting
 from pithlint.profiles import PROFILES, Detection, Profile, detect_profile, with_project_paths
 from pithlint.project import Project
 from pithlint.rule import Finding, Rule
 from pithlint.suppressions import SuppressionTable, parse_suppressions
+
+_CODING_COOKIE = re.compile(rb"^[ \t\f]*#.*?coding[:=][ \t]*([-\w.]+)", re.M)
 
 # Engine diagnostics that are not rules of the catalog.
 INTERNAL_ERROR = ("PTL000", "internal-error")
@@ -90,6 +94,10 @@ class LintRun:
     def lint_file(self, path: Path, display: str | None = None) -> FileResult:
         display = display or os.path.normpath(str(path))
         result = FileResult(display)
+        if path.exists() and not path.is_file():
+            # A FIFO or device named *.py would block or never end.
+            result.findings.append(_file_error(display, "not a regular file: skipped"))
+            return result
         try:
             data = path.read_bytes()
         except OSError as exc:
@@ -104,13 +112,21 @@ class LintRun:
         return result
 
     def lint_source(self, source: str, path: str) -> list[Finding]:
+        try:
+            return call_with_deep_stack(self._lint_source, source, path)
+        except RecursionError:
+            return [_file_error(path, "the file is nested too deeply to lint (an expression or block thousands of levels deep)")]
+
+    def _lint_source(self, source: str, path: str) -> list[Finding]:
+        too_deep = excessive_nesting(source)
+        if too_deep is not None:
+            depth, line = too_deep
+            return [_file_error(path, f"the file nests more than {MAX_DEPTH} levels deep here: refusing to lint it (no hand-written model file does this)", line)]
         project = self.project_for(path)
         try:
             module = project.parse(path, source) if project is not None else cst.parse_module(source)
         except cst.ParserSyntaxError as exc:
             return [_syntax_error(path, source, exc)] if "PTL001" in self.enabled else []
-        except RecursionError:
-            return [_file_error(path, "the file is too deeply nested to parse")]
         ctx = FileContext(path, source, module, self.profile, project=project, private_paths=tuple(self.settings.private_paths))
         findings: list[Finding] = []
         for rule_cls in self.rules:
@@ -281,7 +297,12 @@ def decode_source(data: bytes) -> tuple[str, str, tuple[str, int, int] | None]:
     try:
         encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
     except SyntaxError as exc:
-        return "", "utf-8", (f"cannot determine the file's encoding: {exc.msg}", exc.lineno or 1, 1)
+        cookie = _CODING_COOKIE.search(b"\n".join(data.splitlines()[:2]))
+        if cookie is not None:
+            declared = cookie.group(1).decode("ascii", "replace")
+            return "", "utf-8", (f"the file declares an unknown encoding '{declared}': {exc.msg}", exc.lineno or 1, 1)
+        # No declaration, and the first lines are not UTF-8: let the decode below say where.
+        encoding = "utf-8"
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as exc:
@@ -312,4 +333,4 @@ def _syntax_error(path: str, source: str, exc: cst.ParserSyntaxError) -> Finding
     except (ValueError, RecursionError, MemoryError):
         pass
     message = exc.message.strip().splitlines()[0] if exc.message else "invalid syntax"
-    return _file_error(path, f"syntax error: {message}", exc.editor_line, exc.editor_column)
+    return _file_error(path, f"libcst, the parser pithlint uses, rejects this file although Python accepts it: {message}", exc.editor_line, exc.editor_column)
