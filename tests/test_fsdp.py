@@ -95,17 +95,18 @@ class Reporter:
 
     def result(self, record: dict) -> None:
         record["last_progress"] = self.last
-        self._write(f"rank{self.rank}.json", json.dumps(record, indent=1, allow_nan=False) + "\n")
+        self._write(f"rank{self.rank}.json", json.dumps(jsonable(record), indent=1, allow_nan=False) + "\n")
 
 
-def number(x: float):
-    """A float for JSON: non-finite values become the strings "nan", "inf", "-inf"."""
-    x = float(x)
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
+def jsonable(value):
+    """``value`` with every non-finite float replaced by "nan", "inf" or "-inf" (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
 
 
 def info(msg: str) -> None:
@@ -322,8 +323,8 @@ def run(args, ctx, reporter: Reporter, record: dict) -> None:
         loss_ref = loss_ref.reshape(ep_size, -1)[ep_rank]
         info(f"[INFO] rank-{rank}, loss: {loss}, loss_ref: {loss_ref}")
         loss_ok = torch.allclose(loss, loss_ref, rtol=1e-3, atol=1e-3)
-        record["losses"] = [number(v) for v in loss.tolist()]
-        record["ref_losses"] = [number(v) for v in loss_ref.tolist()]
+        record["losses"] = loss.tolist()
+        record["ref_losses"] = loss_ref.tolist()
         record["loss_ok"] = loss_ok
         if loss_ok:
             info(f"[INFO] rank-{rank}, Loss matches the reference.")
@@ -355,10 +356,10 @@ def run(args, ctx, reporter: Reporter, record: dict) -> None:
         entry = {
             "name": name,
             "diff": None,
-            "ours_absmax": number(p_grad.abs().max()),
-            "ref_absmax": number(r_grad.abs().max()),
-            "ours_norm": number(p_grad.double().norm()),
-            "ref_norm": number(r_grad.double().norm()),
+            "ours_absmax": p_grad.abs().max().item(),
+            "ref_absmax": r_grad.abs().max().item(),
+            "ours_norm": p_grad.double().norm().item(),
+            "ref_norm": r_grad.double().norm().item(),
             "is_expert": is_expert,
             "is_moe": name in moe_names,
             "has_grad": param.grad is not None,
@@ -369,7 +370,7 @@ def run(args, ctx, reporter: Reporter, record: dict) -> None:
             info(f"[warn] rank-{rank}, Parameter {name} has all-zero gradient, skipping.")
             continue
         diff = calc_diff(p_grad, r_grad)
-        entry["diff"] = number(diff)
+        entry["diff"] = diff
         if not diff < eps:
             info(
                 f"[ERROR] rank-{rank}, Parameter {name} grad mismatch: diff={diff:.6f}, "

@@ -203,11 +203,13 @@ def load_results(result_dir: Path | str) -> tuple[list[dict], dict[int, str]]:
 def _rung_note(records: list[Mapping]) -> str:
     if not records:
         return ""
-    rung = (records[0].get("pp_size"), records[0].get("ep_size"))
-    adds = RUNG_ADDS.get(rung)
+    pp, ep = records[0].get("pp_size"), records[0].get("ep_size")
+    adds = RUNG_ADDS.get((pp, ep))
     if adds is None:
         return ""
-    return f" If the rung before this one passed, suspect what {rung[0]}x{rung[1]} adds: {adds}."
+    if (pp, ep) == (1, 1):
+        return f" Rung 1x1 is the first: it exercises {adds}."
+    return f" If the rung before {pp}x{ep} passed, the suspect is what it adds: {adds}."
 
 
 def _crash_verdict(crashed: Mapping, others: dict[int, str]) -> Verdict:
@@ -352,7 +354,7 @@ def diagnose(
         return Verdict(
             False,
             "moe-all-zero",
-            "Every MoE parameter has an all-zero gradient in every layer (ranks "
+            "Every MoE parameter has an all-zero gradient in every layer (rank(s) "
             f"{', '.join(map(str, zero_ranks))}): the MoE blocks output exactly zero and the "
             "residual passes through, so the test would pass while nothing learns. A "
             "raw-Parameter experts class has no fill_weights branch in the harness and stays "

@@ -10,7 +10,7 @@ expert the slots stay in ascending (token * k + slot) order, and the tokens of o
 destination are listed in ascending token order.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,60 @@ DispatchResult = Tuple[
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(x, 0) - x
+
+
+class SenderPlan(NamedTuple):
+    """What one rank works out locally before any exchange (ep > 1)."""
+
+    idxs: torch.Tensor  # flat slot ids sorted by global expert (stable)
+    tokens_per_expert: torch.Tensor  # [E] (token, slot) rows per global expert
+    dedup_counts: torch.Tensor  # [ep] unique tokens per destination rank
+    dispatch_token_idxs: torch.Tensor  # unique tokens, grouped by destination, ascending
+    expand_idx_send: torch.Tensor  # per sorted slot: its token's position in its group
+    send_meta: torch.Tensor  # [ep, E_loc + 1]: tokens_per_expert of g's experts, dedup count
+
+
+def plan_send(topk_ids: torch.Tensor, ep_size: int, experts_per_rank: int) -> SenderPlan:
+    """The sender side of the dispatch for routing ``topk_ids`` [m, k]."""
+    m, k = topk_ids.shape
+    flat_ids = topk_ids.reshape(-1)
+    device = topk_ids.device
+    idxs = torch.argsort(flat_ids, stable=True)
+    tokens_per_expert = torch.bincount(flat_ids, minlength=ep_size * experts_per_rank)
+    dest_of_slot = flat_ids // experts_per_rank
+    # sends[t, g]: token t has at least one slot on rank g.
+    sends = torch.zeros(m, ep_size, dtype=torch.bool, device=device)
+    sends[torch.arange(m, device=device).repeat_interleave(k), dest_of_slot] = True
+    dedup_counts = sends.sum(0)
+    dispatch_token_idxs = sends.t().nonzero()[:, 1]
+    # Position of each token inside each destination's group (valid where it is sent).
+    position_in_group = torch.cumsum(sends.long(), 0) - 1
+    expand_idx_send = position_in_group[idxs // k, dest_of_slot[idxs]]
+    send_meta = torch.cat(
+        [tokens_per_expert.view(ep_size, experts_per_rank), dedup_counts.view(ep_size, 1)], dim=1
+    )
+    return SenderPlan(
+        idxs, tokens_per_expert, dedup_counts, dispatch_token_idxs, expand_idx_send, send_meta
+    )
+
+
+def plan_receive(recv_meta: torch.Tensor, experts_per_rank: int):
+    """From the exchanged metadata ``[source rank, E_loc + 1]``: the local expert of every
+    arriving row (source-major, then by local expert), the rows and the unique tokens that
+    arrive from each source."""
+    ep_size = recv_meta.shape[0]
+    tokens_per_expert_group = recv_meta[:, :experts_per_rank]
+    local_ids = torch.arange(experts_per_rank, device=recv_meta.device).repeat(ep_size)
+    expert_idxs = local_ids.repeat_interleave(tokens_per_expert_group.reshape(-1))
+    return expert_idxs, tokens_per_expert_group.sum(1), recv_meta[:, experts_per_rank]
+
+
+def expand_index(
+    received: torch.Tensor, output_counts: torch.Tensor, dedup_recv_counts: torch.Tensor
+) -> torch.Tensor:
+    """Positions within each source's group -> positions in the concatenated received
+    deduplicated buffer (sources in rank order)."""
+    return received + _exclusive_cumsum(dedup_recv_counts).repeat_interleave(output_counts)
 
 
 @torch.compiler.disable
@@ -63,59 +117,33 @@ def moe_ep_prepare_dispatch(
     """
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     m, k = topk_ids.shape
-    flat_ids = topk_ids.reshape(-1)
     if ep_size == 1:
         repeated = hidden.unsqueeze(1).expand(m, k, hidden.shape[-1]).reshape(m * k, -1)
-        return repeated, None, flat_ids, None, None, None, None, None
+        return repeated, None, topk_ids.reshape(-1), None, None, None, None, None
 
     assert num_experts == ep_size * experts_per_rank
-    device = topk_ids.device
     with torch.no_grad():
-        idxs = torch.argsort(flat_ids, stable=True)
-        tokens_per_expert = torch.bincount(flat_ids, minlength=num_experts)
-        dest_of_slot = flat_ids // experts_per_rank
+        plan = plan_send(topk_ids, ep_size, experts_per_rank)
+        recv_meta = torch.empty_like(plan.send_meta)
+        dist.all_to_all_single(recv_meta, plan.send_meta, group=ep_group)
+        expert_idxs, output_counts, dedup_recv_counts = plan_receive(recv_meta, experts_per_rank)
 
-        # sends[t, g]: token t has at least one slot on rank g.
-        sends = torch.zeros(m, ep_size, dtype=torch.bool, device=device)
-        token_of_slot = torch.arange(m, device=device).repeat_interleave(k)
-        sends[token_of_slot, dest_of_slot] = True
-        dedup_counts = sends.sum(0)
-        # Unique tokens grouped by destination, ascending within a destination.
-        dispatch_token_idxs = sends.t().nonzero()[:, 1]
-        # Position of token t inside destination g's group, for every sorted slot.
-        position_in_group = torch.cumsum(sends.long(), 0) - 1
-        expand_idx_send = position_in_group[idxs // k, dest_of_slot[idxs]]
-
-        send_meta = torch.cat(
-            [tokens_per_expert.view(ep_size, experts_per_rank), dedup_counts.view(ep_size, 1)],
-            dim=1,
-        )
-        recv_meta = torch.empty_like(send_meta)
-        dist.all_to_all_single(recv_meta, send_meta, group=ep_group)
-        tokens_per_expert_group = recv_meta[:, :experts_per_rank]  # [source rank, local expert]
-        dedup_recv_counts = recv_meta[:, experts_per_rank]
-
-        local_ids = torch.arange(experts_per_rank, device=device).repeat(ep_size)
-        expert_idxs = local_ids.repeat_interleave(tokens_per_expert_group.reshape(-1))
-        output_counts = tokens_per_expert_group.sum(1)
-
-    input_splits = tokens_per_expert.view(ep_size, experts_per_rank).sum(1).tolist()
+    input_splits = plan.tokens_per_expert.view(ep_size, experts_per_rank).sum(1).tolist()
     output_splits = output_counts.tolist()
-    dedup_input_splits = dedup_counts.tolist()
+    dedup_input_splits = plan.dedup_counts.tolist()
     dedup_output_splits = dedup_recv_counts.tolist()
 
     with torch.no_grad():
-        received = expand_idx_send.new_empty(sum(output_splits))
+        received = plan.expand_idx_send.new_empty(sum(output_splits))
         dist.all_to_all_single(
-            received, expand_idx_send, output_splits, input_splits, group=ep_group
+            received, plan.expand_idx_send, output_splits, input_splits, group=ep_group
         )
-        source_offsets = _exclusive_cumsum(dedup_recv_counts)
-        expand_idx = received + source_offsets.repeat_interleave(output_counts)
+        expand_idx = expand_index(received, output_counts, dedup_recv_counts)
 
-    dedup_sorted_tokens = padded_index_gather(hidden, dispatch_token_idxs)
+    dedup_sorted_tokens = padded_index_gather(hidden, plan.dispatch_token_idxs)
     return (
         dedup_sorted_tokens,
-        idxs,
+        plan.idxs,
         expert_idxs,
         expand_idx,
         dedup_input_splits,
