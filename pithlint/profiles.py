@@ -121,6 +121,25 @@ class Profile:
     converter_import_entries: tuple[str, ...]
     converter_export_entries: tuple[str, ...]
     converter_detector_prefixes: tuple[str, ...]
+    # Layer rules: what they trace inside one function (PTL102-PTL106, PTL113)
+    layer_index_attr: str  # the layer's absolute id (the engine's profiler labels)
+    # Output names, in order, of the producers stage 1 unpacks: the dispatch helper, the
+    # compiled stage-1 body (models may return a prefix of these) and the router.
+    dispatch_outputs: tuple[str, ...]
+    stage1_compute_outputs: tuple[str, ...]
+    router_output_names: tuple[str, ...]
+    # What stage 1 returns: the NamedTuple ("" for a plain tuple), its fields, and what each
+    # slot carries on a MoE and on a dense layer, as "<producer>.<output>" (producer:
+    # dispatch | compute | router) or None for a literal None.
+    stage1_output_type: str
+    stage1_output_fields: tuple[str, ...]
+    stage1_moe_sources: tuple[str, ...]
+    stage1_dense_sources: tuple[str | None, ...]
+    # Stage-5 parameters (as named in its signature): the residual and the expert outputs.
+    stage5_residual: str
+    stage5_moe_outs: str
+    # Collectives the single-process reference path never calls (last component of the name).
+    all_to_all_calls: tuple[str, ...]
     # 13. allowlists
     hf_class_allowlist: tuple[str, ...]
     # 14. grammar: libcst's native parser handles 3.10+ syntax for both eras
@@ -246,6 +265,48 @@ V1 = Profile(
     converter_export_entries=("dcp2hf", "postprocess_canonical"),
     # v1: _is_<m> / _is_<m>_dcp; v2: detect_hf / detect_dcp methods.
     converter_detector_prefixes=("_is_", "is_", "detect"),
+    layer_index_attr="idx",
+    dispatch_outputs=(
+        "sorted_tokens",
+        "idxs",
+        "expert_idxs",
+        "expand_idx",
+        "dedup_input_splits",
+        "dedup_output_splits",
+        "input_splits",
+        "output_splits",
+    ),
+    stage1_compute_outputs=("hidden_states", "residual"),
+    router_output_names=("topk_idx", "topk_weight", "lb_loss"),
+    stage1_output_type="pithtrain.models.interface.ForwardAttnOutput",
+    stage1_output_fields=(
+        "sorted_tokens",
+        "moe_local_idxs",
+        "topk_weight",
+        "output_splits",
+        "input_splits",
+        "expert_idxs",
+        "residual",
+        "expand_idx",
+        "dedup_input_splits",
+        "dedup_output_splits",
+    ),
+    stage1_moe_sources=(
+        "dispatch.sorted_tokens",
+        "dispatch.idxs",
+        "router.topk_weight",
+        "dispatch.output_splits",
+        "dispatch.input_splits",
+        "dispatch.expert_idxs",
+        "compute.residual",
+        "dispatch.expand_idx",
+        "dispatch.dedup_input_splits",
+        "dispatch.dedup_output_splits",
+    ),
+    stage1_dense_sources=("compute.hidden_states", None, None, None, None, None, "compute.residual", None, None, None),
+    stage5_residual="residual",
+    stage5_moe_outs="moe_outs",
+    all_to_all_calls=("all_to_all", "all_to_all_single", "all_to_all_single_autograd", "direct_all_to_all"),
     hf_class_allowlist=("DeepseekV2Lite*", "Qwen3MoeMoE", "Qwen3MoeGate", "Qwen3MoeExperts"),
 )
 
@@ -301,6 +362,13 @@ V2 = dataclasses.replace(
     harness="tests/test_dualpipev.py",
     examples_dir="examples/pretrain_lm",
     converter="pithtrain/tasks/convert_checkpoint",
+    # prepare_dispatch returns (dispatch_tokens, RoutingInfo); stage 1 returns a plain 3-tuple.
+    dispatch_outputs=("dispatch_tokens", "routing"),
+    stage1_compute_outputs=("hidden_states", "residual", "topk_idx", "topk_weight", "lb_loss"),
+    stage1_output_type="",
+    stage1_output_fields=("dispatch_tokens", "residual", "routing"),
+    stage1_moe_sources=("dispatch.dispatch_tokens", "compute.residual", "dispatch.routing"),
+    stage1_dense_sources=("compute.hidden_states", "compute.residual", None),
     hf_class_allowlist=(
         "DeepseekV2Lite*",
         "DeepSeekV2*",
