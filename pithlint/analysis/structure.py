@@ -202,6 +202,17 @@ def reachable_functions(
     return list(seen.values())
 
 
+def call_targets(
+    classes: dict[str, ClassInfo],
+    owner: ClassInfo | None,
+    call: cst.Call,
+    module_functions: dict[str, cst.FunctionDef],
+) -> list[tuple[ClassInfo | None, cst.FunctionDef]]:
+    """The functions of the file that ``call``, made in a method of ``owner``, runs directly
+    (resolved as in :func:`reachable_functions`)."""
+    return _callees(classes, owner, call.func, module_functions)
+
+
 def _callees(
     classes: dict[str, ClassInfo],
     owner: ClassInfo | None,
