@@ -1,0 +1,115 @@
+"""The ladder harness under torchrun on CPU (gloo): the four rungs pass on the embedded
+qwen3_moe, and each broken fixture fails at the rung where its bug first shows, with the
+diagnosis it should get. Results are read from the ranks' JSON files, not from logs."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pithlint.ladder.diagnosis import Verdict, diagnose, load_results
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = "examples/pretrain_language_model/qwen3_moe/tiny.json"
+FIXTURES = REPO / "tests/fixtures/ladder"
+# A rung takes 10-30 s on two cores once the compile cache is warm; a cold cache adds
+# about a minute. Past this it is a hang.
+RUNG_TIMEOUT_S = 400
+
+
+@dataclass
+class RungRun:
+    returncode: int
+    output: str
+    records: list
+    progress: dict
+    verdict: Verdict
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_rung(result_dir: Path, pp: int, ep: int, model_file=None, poison=False) -> RungRun:
+    world = pp * ep
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={world}", f"--master-port={free_port()}",
+        "tests/test_fsdp.py",
+        "--pp-size", str(pp), "--ep-size", str(ep),
+        "--model", TINY, "--device", "cpu",
+        "--result-dir", str(result_dir),
+    ]  # fmt: skip
+    if model_file is not None:
+        cmd += ["--model-file", str(FIXTURES / model_file)]
+    env = dict(os.environ, PITHTRAIN_POISON_UNINITIALIZED="1" if poison else "0")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, so a hang is killed as a whole
+    )
+    try:
+        output, _ = proc.communicate(timeout=RUNG_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        _, progress = load_results(result_dir)
+        pytest.fail(f"rung {pp}x{ep} hung; last progress per rank: {progress}\n{output[-3000:]}")
+    records, progress = load_results(result_dir)
+    verdict = diagnose(records, progress, world_size=world)
+    return RungRun(proc.returncode, output, records, progress, verdict)
+
+
+@pytest.mark.parametrize(("pp", "ep"), [(1, 1), (2, 1), (1, 2), (2, 2)], ids=["1x1", "2x1", "1x2", "2x2"])
+def test_rung_passes(tmp_path, pp, ep):
+    run = run_rung(tmp_path, pp, ep)
+    assert run.returncode == 0, run.verdict.message + "\n" + run.output[-3000:]
+    assert run.verdict.passed, run.verdict.message
+    assert sorted(r["rank"] for r in run.records) == list(range(pp * ep))
+    for record in run.records:
+        assert record["status"] == "passed"
+        assert (record["pp_rank"], record["ep_rank"]) == divmod(record["rank"], ep)
+        assert record.get("loss_ok") is (True if record["pp_rank"] == 0 else None)
+        assert record["largest_diff"] < 1e-2
+        # Every parameter is reported, and the MoE ones really were compared.
+        assert record["params"] and all(p["diff"] is not None for p in record["params"] if p["is_moe"])
+        if record["pp_rank"] == 0:
+            assert len(record["losses"]) == len(record["ref_losses"]) == record["num_chunks"]
+    assert "[INFO] All gradients match the reference." in run.output
+    assert all(line == "done" for line in run.progress.values())
+
+
+@pytest.mark.parametrize(
+    ("fixture", "pp", "ep", "poison", "kind", "code", "worst"),
+    [
+        ("skip_ctx_record_copy.py", 1, 2, False, "crash", "PTL107", None),
+        ("unlisted_experts.py", 1, 1, False, "moe-all-zero", "PTL401", None),
+        ("raw_index_stage3.py", 1, 1, False, "crash", "PTL302", None),
+        ("nan_padding_biased_experts.py", 1, 1, True, "grad-larger", "PTL301", "gate_up_proj_bias"),
+    ],
+    ids=["record-copy", "fill-weights", "raw-index", "nan-padding"],
+)
+def test_broken_fixture_fails_with_its_diagnosis(
+    tmp_path, fixture, pp, ep, poison, kind, code, worst
+):
+    run = run_rung(tmp_path, pp, ep, model_file=fixture, poison=poison)
+    assert run.returncode != 0
+    assert not run.verdict.passed
+    assert (run.verdict.kind, run.verdict.code) == (kind, code), run.verdict.message
+    assert "[DIAGNOSIS]" in run.output
+    if worst is not None:
+        # The parameters to look at are named, with their magnitudes (NaN here).
+        assert run.verdict.worst and all(p.name.endswith(worst) for p in run.verdict.worst)
+        assert all(p.diff != p.diff for p in run.verdict.worst)
+
