@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import libcst as cst
 
-from pithlint.profiles import StageSignature
+from pithlint.analysis.calls import compile_decorator
+from pithlint.analysis.dataflow import FunctionFlow, Source, free_names, module_names, tuple_slots
+from pithlint.analysis.names import dotted_name
+from pithlint.analysis.structure import ClassInfo, call_targets, may_inherit, reachable_functions
+from pithlint.analysis.walk import walk
+from pithlint.context import FileContext
+from pithlint.profiles import Profile, StageSignature
 from pithlint.rule import Invalid, Rule, Valid
-
-# Bases that carry no protocol methods: a layer deriving only from these must define every
-# stage method itself. Any other base may provide them, so missing methods are not reported.
-_PLAIN_BASES = frozenset({"nn.Module", "torch.nn.Module", "Module", "object"})
-
 
 def _positional(func: cst.FunctionDef) -> list[cst.Param]:
     params = [*func.params.posonly_params, *func.params.params]
@@ -91,11 +94,12 @@ class StageMethodSignature(Rule):
 
     def check(self) -> None:
         for layer in self.ctx.structure.layer_classes:
-            may_inherit = any(base not in _PLAIN_BASES for base in layer.bases)
+            # A base other than a plain module may provide the stage methods.
+            inherits = may_inherit(layer)
             for sig in self.profile.signatures:
                 func = layer.methods.get(sig.method)
                 if func is None:
-                    if not may_inherit:
+                    if not inherits:
                         self.report(
                             layer.node.name,
                             f"layer class '{layer.name}' does not define {_render(sig)}",
@@ -169,6 +173,686 @@ class StageMethodSignature(Rule):
                 def forward_stage3(self, gathered_tokens, expert_idxs=None, expand_idx=None): ...
                 def forward_stage5(self, moe_outs, moe_local_idxs, topk_weight, residual): ...
                 def reference_forward(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+            """,
+            profile="v2",
+        ),
+    ]
+
+
+# -- helpers shared by the layer rules ----------------------------------------------------
+
+
+def _is_none(node: cst.CSTNode | None) -> bool:
+    return isinstance(node, cst.Name) and node.value == "None"
+
+
+def _protocol_param(func: cst.FunctionDef, profile: Profile, method: str, name: str) -> str | None:
+    """The parameter of ``func`` at the position where the profile's signature of ``method``
+    has ``name``: followed by position, so a misspelt parameter (PTL101's finding) is still
+    the same value."""
+    sig = next((s for s in profile.signatures if s.method == method), None)
+    if sig is None or name not in sig.required:
+        return None
+    params = _positional(func)
+    index = sig.required.index(name)
+    return params[index].name.value if index < len(params) else None
+
+
+def _params_reached(flow: FunctionFlow, expr: cst.BaseExpression, at: cst.CSTNode) -> set[str]:
+    """The parameters whose values ``expr`` (evaluated at ``at``) is computed from."""
+    return {s.node.name.value for s in flow.depends(expr, at) if s.kind == "param"}
+
+
+def _reached(ctx: FileContext, cls: ClassInfo | None, call: cst.Call) -> list[tuple[ClassInfo | None, cst.FunctionDef]]:
+    """Every function of the file that ``call`` (made in a method of ``cls``) may run, directly
+    or through further calls."""
+    classes, functions = ctx.structure.classes, ctx.module_functions
+    found: dict[cst.FunctionDef, tuple[ClassInfo | None, cst.FunctionDef]] = {}
+    for owner, target in call_targets(classes, cls, call, functions):
+        for reached in reachable_functions(classes, owner, target, functions):
+            found.setdefault(reached[1], reached)
+    return list(found.values())
+
+
+def _qualname(cls: ClassInfo | None, func: cst.FunctionDef) -> str:
+    return f"{cls.name}.{func.name.value}" if cls is not None else func.name.value
+
+
+def _self_attribute_stores(func: cst.FunctionDef, attr: str) -> Iterator[tuple[cst.BaseExpression, cst.CSTNode]]:
+    """(value, statement) for each ``self.<attr> = value`` in ``func``."""
+    for node in walk(func):
+        if isinstance(node, cst.Assign):
+            targets = [t.target for t in node.targets]
+        elif isinstance(node, cst.AnnAssign) and node.value is not None:
+            targets = [node.target]
+        else:
+            continue
+        for target in targets:
+            if dotted_name(target) == f"self.{attr}":
+                yield node.value, node
+
+
+class LayerIndexAttribute(Rule):
+    """
+    What it does:
+    Checks that the decoder layer's ``__init__`` assigns ``self.idx``, from a constructor
+    parameter (any spelling: ``layer_idx``, ``layer_id``, ``config.layer_idx``, a value
+    computed from one). A layer that derives from another model class may inherit it.
+
+    Why it matters:
+    The engine labels each layer's profiler ranges with ``layer.idx``. Without it the first
+    traced step dies with an AttributeError; with a constant every layer carries the same
+    label and the trace cannot tell the layers apart.
+
+    Example:
+        class Layer(nn.Module):
+            def __init__(self, config, layer_idx):
+                super().__init__()
+                self.mlp = MoE(config)
+
+    Use instead:
+        class Layer(nn.Module):
+            def __init__(self, config, layer_idx):
+                super().__init__()
+                self.idx = layer_idx
+                self.mlp = MoE(config)
+
+    Where it comes from:
+    PithTrain's layer protocol: `idx: int` is the absolute layer id, used in the engine's
+    profiler range labels.
+    """
+
+    code = "PTL102"
+    name = "layer-index-attribute"
+    message = "the layer's __init__ does not set its absolute index"
+
+    def check(self) -> None:
+        attr = self.profile.layer_index_attr
+        for layer in self.ctx.structure.layer_classes:
+            init = layer.methods.get("__init__")
+            stores = list(_self_attribute_stores(init, attr)) if init is not None else []
+            if not stores:
+                if not may_inherit(layer):
+                    where = init.name if init is not None else layer.node.name
+                    self.report(
+                        where,
+                        f"'{layer.name}.__init__' never assigns self.{attr}: the engine labels the "
+                        "layer's profiler ranges with it; store the absolute layer id there",
+                    )
+                continue
+            flow = FunctionFlow(init)
+            constructor_params = set(flow.params) - {"self"}
+            for value, statement in stores:
+                if not _params_reached(flow, value, statement) & constructor_params:
+                    self.report(
+                        value,
+                        f"'{layer.name}.__init__' sets self.{attr} from no constructor parameter: "
+                        "every layer gets the same index; pass the absolute layer id in",
+                    )
+
+    VALID = [
+        Valid(
+            """
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    super().__init__()
+                    self.idx = layer_idx
+
+                def forward_attn(self, hidden_states): ...
+            """
+        ),
+        Valid(
+            """
+            class Layer(nn.Module):
+                def __init__(self, config, layer_id: int, ep_group=None):
+                    super().__init__()
+                    absolute = int(layer_id)
+                    self.idx = absolute
+
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+            """,
+            profile="v2",
+        ),
+        # A layer patched from another model's class inherits the index from its __init__.
+        Valid(
+            """
+            class PatchedLayer(Qwen3MoeDecoderLayer):
+                def __init__(self, config, layer_idx):
+                    super().__init__(config, layer_idx)
+                    self.extra = None
+
+                def forward_attn(self, hidden_states): ...
+            """
+        ),
+    ]
+    INVALID = [
+        Invalid(
+            """
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx):  # [PTL102]
+                    super().__init__()
+                    self.layer_idx = layer_idx
+
+                def forward_attn(self, hidden_states): ...
+            """
+        ),
+        Invalid(
+            """
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    super().__init__()
+                    self.idx = 0  # [PTL102]
+
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+            """,
+            profile="v2",
+        ),
+    ]
+
+
+def _spellings(groups: list[tuple[str, ...]]) -> str:
+    return ", ".join(" or ".join(f"'{name}'" for name in group) for group in groups)
+
+
+class MoeBlockAttributes(Rule):
+    """
+    What it does:
+    Checks that every MoE block the layer assigns to ``self.mlp`` (each arm of a conditional
+    such as ``MoE(...) if is_moe else MLP(...)``, or of an ``if``/``else``) defines the
+    attributes the engine reads from ``layer.mlp``: v1 ``ep_size``, ``ep_group``,
+    ``experts_per_rank`` and ``num_experts``; v2 ``experts_per_rank`` and ``num_experts``
+    (DeepSeek's ``n_routed_experts`` is accepted for ``num_experts``). Dense MLP classes (no
+    ``experts`` attribute) are exempt; a block deriving from another model class may inherit.
+
+    Why it matters:
+    The engine and stage 1 treat a layer as MoE exactly when its ``mlp`` has ``experts``, and
+    then read these attributes to size the dispatch and pick the EP group. A missing one is an
+    AttributeError on the first pipelined step, far from the class that forgot it.
+
+    Example:
+        class MoE(nn.Module):
+            def __init__(self, config, ep_group=None):
+                super().__init__()
+                self.num_experts = config.num_experts
+                self.experts = Experts(config)
+
+    Use instead:
+        class MoE(nn.Module):
+            def __init__(self, config, ep_group=None):
+                super().__init__()
+                self.num_experts = config.num_experts
+                self.ep_size = config.ep_size
+                self.ep_group = ep_group
+                self.experts_per_rank = config.num_experts // config.ep_size
+                self.experts = Experts(config)
+
+    Where it comes from:
+    PithTrain's model protocol: the MLP protocol (`ep_size`, `ep_group`) and the attributes
+    stage 1 and the engine read from `layer.mlp` when it has `experts`.
+    """
+
+    code = "PTL103"
+    name = "moe-block-attributes"
+    message = "the MoE block lacks attributes the engine reads"
+
+    def check(self) -> None:
+        for moe in self.ctx.structure.moe_classes:
+            if may_inherit(moe):
+                continue
+            missing = [group for group in self.profile.moe_required_attrs if not any(moe.defines(a) for a in group)]
+            if missing:
+                self.report(
+                    moe.node.name,
+                    f"MoE block '{moe.name}' (the layer's mlp, it owns "
+                    f"'{self.profile.moe_marker_attr}') does not define {_spellings(missing)}: "
+                    "the engine reads them from layer.mlp",
+                )
+
+    VALID = [
+        Valid(
+            """
+            class MLP(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+
+
+            class MoE(nn.Module):
+                def __init__(self, config, ep_group=None):
+                    super().__init__()
+                    self.ep_size = config.ep_size
+                    self.ep_group = ep_group
+                    self.n_routed_experts = config.n_routed_experts
+                    self.experts_per_rank = config.n_routed_experts // config.ep_size
+                    self.experts = Experts(config, self.experts_per_rank)
+
+
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx, ep_group=None):
+                    super().__init__()
+                    self.idx = layer_idx
+                    self.mlp = MoE(config, ep_group) if layer_idx >= config.first_k_dense_replace else MLP(config)
+
+                def forward_attn(self, hidden_states): ...
+            """
+        ),
+        Valid(
+            """
+            class MoE(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.num_experts = config.num_experts
+                    self.experts_per_rank = config.num_experts // distributed.ep_size
+                    self.experts = Experts(config, self.experts_per_rank)
+
+
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    super().__init__()
+                    self.idx = layer_idx
+                    self.mlp = MoE(config)
+
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+            """,
+            profile="v2",
+        ),
+    ]
+    INVALID = [
+        Invalid(
+            """
+            class MLP(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+
+
+            class MoE(nn.Module):  # [PTL103]
+                def __init__(self, config, ep_group=None):
+                    super().__init__()
+                    self.ep_group = ep_group
+                    self.num_experts = config.num_experts
+                    self.experts = Experts(config, config.num_experts)
+
+
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx, ep_group=None):
+                    super().__init__()
+                    self.idx = layer_idx
+                    if config.is_moe:
+                        self.mlp = MoE(config, ep_group)
+                    else:
+                        self.mlp = MLP(config)
+
+                def forward_attn(self, hidden_states): ...
+            """
+        ),
+        Invalid(
+            """
+            class MoE(nn.Module):  # [PTL103]
+                def __init__(self, config):
+                    super().__init__()
+                    self.num_experts = config.num_experts
+                    self.experts = Experts(config, config.num_experts)
+
+
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    super().__init__()
+                    self.idx = layer_idx
+                    self.mlp = MoE(config)
+
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+            """,
+            profile="v2",
+        ),
+    ]
+
+
+class Stage1OutputOrder(Rule):
+    """
+    What it does:
+    Follows, inside the layer's stage-1 method, which value lands in which slot of every
+    ``return``. v1: ``forward_attn`` returns ``ForwardAttnOutput`` in field order
+    ``(sorted_tokens, moe_local_idxs, topk_weight, output_splits, input_splits, expert_idxs,
+    residual, expand_idx, dedup_input_splits, dedup_output_splits)``, re-packing the 8-tuple
+    of the dispatch helper, which comes in the helper's own order ``(sorted_tokens, idxs,
+    expert_idxs, expand_idx, dedup_input_splits, dedup_output_splits, input_splits,
+    output_splits)``; a dense return passes the normed hidden states first, ``None`` for the
+    five MoE fields and the residual seventh. v2: ``forward_stage1`` returns
+    ``(dispatch_tokens, residual, routing)`` from ``prepare_dispatch``, or ``(hidden_states,
+    residual, None)`` on a dense layer. Values are followed by dataflow (which position of
+    which call a name was unpacked from, through plain aliases), never by their spelling.
+    The dispatch helper must also be unpacked into exactly as many names as it returns.
+
+    Why it matters:
+    The engine unpacks the stage-1 output by position. Two swapped index tensors have the
+    same dtype and often the same length, so nothing fails: tokens are scattered to the wrong
+    experts or combined into the wrong rows, and only the expert-parallel ladder rungs show a
+    loss that drifts. A name that reads right proves nothing: ``moe_local_idxs`` unpacked
+    from the helper's third position is its ``expert_idxs``.
+
+    Example:
+        (
+            sorted_tokens,
+            expert_idxs,
+            moe_local_idxs,
+            expand_idx,
+            dedup_input_splits,
+            dedup_output_splits,
+            input_splits,
+            output_splits,
+        ) = moe_ep_prepare_dispatch(hidden_states, topk_idx, ...)
+        return ForwardAttnOutput(
+            sorted_tokens, moe_local_idxs, topk_weight, output_splits, input_splits,
+            expert_idxs, residual, expand_idx, dedup_input_splits, dedup_output_splits,
+        )
+
+    Use instead:
+        (
+            sorted_tokens,
+            idxs,
+            expert_idxs,
+            expand_idx,
+            dedup_input_splits,
+            dedup_output_splits,
+            input_splits,
+            output_splits,
+        ) = moe_ep_prepare_dispatch(hidden_states, topk_idx, ...)
+        return ForwardAttnOutput(
+            sorted_tokens, idxs, topk_weight, output_splits, input_splits,
+            expert_idxs, residual, expand_idx, dedup_input_splits, dedup_output_splits,
+        )
+
+    Where it comes from:
+    PithTrain's `ForwardAttnOutput` (unpacked by position by the engine) and the dispatch
+    helper's return order, which differs from it on purpose; v2's `forward_stage1` contract.
+    """
+
+    code = "PTL104"
+    name = "stage1-output-order"
+    message = "stage 1 returns a value in the wrong slot"
+
+    def check(self) -> None:
+        stage1 = self.profile.stage1
+        for layer in self.ctx.structure.layer_classes:
+            func = layer.methods.get(stage1)
+            if func is None:
+                continue
+            label = f"{layer.name}.{stage1}"
+            flow = FunctionFlow(func)
+            self._check_unpackings(label, flow)
+            for ret in flow.returns:
+                for value, at in flow.returned_values(ret):
+                    self._check_return(label, flow, value, at)
+
+    # -- where a value comes from --------------------------------------------------------
+
+    def _producer(self, expr: cst.CSTNode) -> tuple[str, tuple[str, ...]] | None:
+        """(producer, its output names) for a call stage 1 unpacks: the dispatch helper, the
+        compiled stage-1 body, or the router (``self.<...>.gate(...)``, ``.router.compute(...)``)."""
+        if not isinstance(expr, cst.Call):
+            return None
+        profile = self.profile
+        if self.ctx.imports.resolve(expr.func) == profile.dispatch_helper:
+            return "dispatch", profile.dispatch_outputs
+        name = dotted_name(expr.func) or ""
+        parts = name.split(".")
+        if name == f"self.{profile.stage1_compute}":
+            return "compute", profile.stage1_compute_outputs
+        if parts[0] == "self" and any(part in profile.router_attr_names for part in parts[1:]):
+            return "router", profile.router_output_names
+        return None
+
+    def _label(self, source: Source) -> str:
+        """``producer.output``, ``param.<name>``, ``None``, or ``?`` when not known."""
+        if source.kind == "unpacked":
+            producer = self._producer(source.node)
+            if producer is not None and source.position < len(producer[1]):
+                return f"{producer[0]}.{producer[1][source.position]}"
+        elif source.kind == "param":
+            return f"param.{source.node.name.value}"
+        elif _is_none(source.node):
+            return "None"
+        return "?"
+
+    def _describe(self, label: str) -> str:
+        kind, _, output = label.partition(".")
+        if kind == "dispatch":
+            helper = self.profile.dispatch_helper.rpartition(".")[2]
+            return f"'{output}' of {helper}"
+        if kind == "compute":
+            return f"'{output}' of {self.profile.stage1_compute}"
+        if kind == "router":
+            return f"the router's '{output}'"
+        if kind == "param":
+            return f"the parameter '{output}'"
+        return label
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def _check_unpackings(self, label: str, flow: FunctionFlow) -> None:
+        outputs = self.profile.dispatch_outputs
+        helper = self.profile.dispatch_helper.rpartition(".")[2]
+        for unpacking in flow.unpackings:
+            producer = self._producer(unpacking.value)
+            if producer is not None and producer[0] == "dispatch" and len(unpacking.targets) != len(outputs):
+                self.report(
+                    unpacking.statement,
+                    f"'{label}' unpacks {len(unpacking.targets)} names from {helper}, which returns "
+                    f"{len(outputs)}: ({', '.join(outputs)})",
+                )
+
+    def _check_return(self, label: str, flow: FunctionFlow, value: cst.BaseExpression, at: cst.CSTNode) -> None:
+        profile = self.profile
+        fields = profile.stage1_output_fields
+        if isinstance(value, cst.Call):
+            if not profile.stage1_output_type or self.ctx.imports.resolve(value.func) != profile.stage1_output_type:
+                return
+        slots = tuple_slots(value, fields)
+        if slots is None:
+            return
+        if len(slots) > len(fields):
+            self.report(value, f"'{label}' returns {len(slots)} values; the stage-1 output has {len(fields)}: ({', '.join(fields)})")
+            return
+        given = slots + [None] * (len(fields) - len(slots))  # missing slots take their default, None
+        dense = all(_is_none(given[i]) or given[i] is None for i, want in enumerate(profile.stage1_dense_sources) if want is None)
+        expected = profile.stage1_dense_sources if dense else profile.stage1_moe_sources
+        kind = "dense return" if dense else "return"
+        missing = [i for i, want in enumerate(expected) if want is not None and given[i] is None]
+        if missing:
+            self.report(
+                value,
+                f"'{label}' leaves {', '.join(f'slot {i} ({self._describe(expected[i])})' for i in missing)} "
+                f"out of its {kind}: the engine gets None there",
+            )
+        for index, want in enumerate(expected):
+            slot = given[index]
+            if want is None or slot is None:
+                continue
+            labels = {self._label(source) for source in flow.sources(slot, at)}
+            if "?" in labels or labels == {want}:
+                continue
+            got = " or ".join(sorted(self._describe(x) for x in labels))
+            self.report(
+                slot,
+                f"'{label}' puts {got} in slot {index} '{fields[index]}' of its {kind}; "
+                f"the slot carries {self._describe(want)}",
+            )
+
+    VALID = [
+        # The seed-era shape: a dense early return, then the 8-tuple re-packed in field order.
+        Valid(
+            """
+            from pithtrain.models.interface import ForwardAttnOutput
+            from pithtrain.operators.ep_dispatch import moe_ep_prepare_dispatch
+
+
+            class Layer(nn.Module):
+                def forward_attn(self, hidden_states):
+                    hidden_states, residual = self._forward_attn_compute(hidden_states)
+                    if isinstance(self.mlp, DenseMLP):
+                        return ForwardAttnOutput(
+                            hidden_states,  # sorted_tokens
+                            None,
+                            None,
+                            None,
+                            None,
+                            None,  # expert_idxs
+                            residual,
+                        )
+                    topk_ids, topk_weight = self.mlp.gate(hidden_states)
+                    (
+                        sorted_tokens,
+                        idxs,
+                        expert_idxs,
+                        expand_idx,
+                        dedup_input_splits,
+                        dedup_output_splits,
+                        input_splits,
+                        output_splits,
+                    ) = moe_ep_prepare_dispatch(
+                        hidden_states,
+                        topk_ids,
+                        self.mlp.num_experts,
+                        self.mlp.ep_size,
+                        self.mlp.experts_per_rank,
+                        self.mlp.ep_group,
+                    )
+                    return ForwardAttnOutput(
+                        sorted_tokens,
+                        idxs,
+                        topk_weight,
+                        output_splits,
+                        input_splits,
+                        expert_idxs,
+                        residual,
+                        expand_idx,
+                        dedup_input_splits,
+                        dedup_output_splits,
+                    )
+            """
+        ),
+        # Spelling is irrelevant: the helper's second output may be called moe_local_idxs,
+        # keyword arguments land in their field, and a returned alias is followed.
+        Valid(
+            """
+            from pithtrain.models.interface import ForwardAttnOutput as Out
+            from pithtrain.operators import ep_dispatch
+
+
+            class Layer(nn.Module):
+                def forward_attn(self, hidden_states):
+                    normed, residual = self._forward_attn_compute(hidden_states)
+                    topk_ids, weights, _ = self.mlp.gate.compute(normed)
+                    tokens, moe_local_idxs, local_ids, expand, d_in, d_out, s_in, s_out = (
+                        ep_dispatch.moe_ep_prepare_dispatch(normed, topk_ids, 64, 2, 32, None)
+                    )
+                    local_idxs = moe_local_idxs
+                    out = Out(
+                        tokens, local_idxs, weights, s_out, s_in, local_ids, residual,
+                        dedup_output_splits=d_out, expand_idx=expand, dedup_input_splits=d_in,
+                    )
+                    return out
+            """
+        ),
+        # v2 (DeepSeek shape): dense early return, then the dispatch tokens and routing.
+        Valid(
+            """
+            from pithtrain.operators.ep_dispatch import prepare_dispatch
+
+
+            class Layer(nn.Module):
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None):
+                    hidden_states, residual, topk_idx, topk_weight, lb_loss = self.forward_stage1_compute(hidden_states, rotary_posemb, cu_seqlens)
+                    if isinstance(self.mlp, DenseMLP):
+                        return hidden_states, residual, None
+                    if lb_loss is not None:
+                        MoELoadBalanceLossTracker.add(lb_loss)
+                    dispatch_tokens, routing = prepare_dispatch(hidden_states, topk_idx, topk_weight, self.mlp.n_routed_experts, distributed.ep_size, self.mlp.experts_per_rank, distributed.ep_group)
+                    return dispatch_tokens, residual, routing
+            """,
+            profile="v2",
+        ),
+    ]
+    INVALID = [
+        # The names read right, but moe_local_idxs is the helper's expert_idxs and vice versa.
+        Invalid(
+            """
+            from pithtrain.models.interface import ForwardAttnOutput
+            from pithtrain.operators.ep_dispatch import moe_ep_prepare_dispatch
+
+
+            class Layer(nn.Module):
+                def forward_attn(self, hidden_states):
+                    hidden_states, residual = self._forward_attn_compute(hidden_states)
+                    topk_ids, topk_weight = self.mlp.gate(hidden_states)
+                    (
+                        sorted_tokens,
+                        expert_idxs,
+                        moe_local_idxs,
+                        expand_idx,
+                        dedup_input_splits,
+                        dedup_output_splits,
+                        input_splits,
+                        output_splits,
+                    ) = moe_ep_prepare_dispatch(hidden_states, topk_ids, 64, 2, 32, None)
+                    return ForwardAttnOutput(
+                        sorted_tokens,
+                        moe_local_idxs,  # [PTL104]
+                        topk_weight,
+                        output_splits,
+                        input_splits,
+                        expert_idxs,  # [PTL104]
+                        residual,
+                        expand_idx,
+                        dedup_input_splits,
+                        dedup_output_splits,
+                    )
+            """
+        ),
+        # Dense return with the residual first; the MoE return forgets the dedup splits; the
+        # helper's splits swapped.
+        Invalid(
+            """
+            from pithtrain.models.interface import ForwardAttnOutput
+            from pithtrain.operators.ep_dispatch import moe_ep_prepare_dispatch
+
+
+            class Layer(nn.Module):
+                def forward_attn(self, hidden_states):
+                    hidden_states, residual = self._forward_attn_compute(hidden_states)
+                    if not self.is_moe:
+                        return ForwardAttnOutput(residual, None, None, None, None, None, hidden_states)  # [PTL104]
+                    topk_ids, topk_weight = self.mlp.gate(hidden_states)
+                    tokens, idxs, expert_idxs, expand_idx, d_in, d_out, s_in, s_out = moe_ep_prepare_dispatch(hidden_states, topk_ids, 64, 2, 32, None)
+                    return ForwardAttnOutput(tokens, idxs, topk_weight, s_in, s_out, expert_idxs, residual, expand_idx)  # [PTL104]
+            """
+        ),
+        Invalid(
+            """
+            from pithtrain.operators.ep_dispatch import moe_ep_prepare_dispatch
+
+
+            class Layer(nn.Module):
+                def forward_attn(self, hidden_states):
+                    hidden_states, residual = self._forward_attn_compute(hidden_states)
+                    topk_ids, topk_weight = self.mlp.gate(hidden_states)
+                    tokens, idxs, expert_idxs, expand_idx, input_splits, output_splits = moe_ep_prepare_dispatch(hidden_states, topk_ids, 64, 2, 32, None)  # [PTL104]
+                    return tokens, idxs, topk_weight, output_splits, input_splits, expert_idxs, residual  # [PTL104]
+            """
+        ),
+        Invalid(
+            """
+            from pithtrain.operators.ep_dispatch import prepare_dispatch
+
+
+            class Layer(nn.Module):
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None):
+                    hidden_states, residual, topk_idx, topk_weight, lb_loss = self.forward_stage1_compute(hidden_states, rotary_posemb, cu_seqlens)
+                    if self.is_dense:
+                        return hidden_states, hidden_states, None  # [PTL104]
+                    dispatch_tokens, routing = prepare_dispatch(hidden_states, topk_idx, topk_weight, self.mlp.num_experts, distributed.ep_size, self.mlp.experts_per_rank, distributed.ep_group)
+                    return residual, dispatch_tokens, routing  # [PTL104]
             """,
             profile="v2",
         ),
