@@ -92,6 +92,13 @@ class LintRun:
     # -- one file ----------------------------------------------------------------------
 
     def lint_file(self, path: Path, display: str | None = None) -> FileResult:
+        result = self.read_file(path, display)
+        if result.source is not None:
+            result.findings = self.lint_source(result.source, result.path)
+        return result
+
+    def read_file(self, path: Path, display: str | None = None) -> FileResult:
+        """The file's decoded source and encoding, or a PTL001 finding saying why not."""
         display = display or os.path.normpath(str(path))
         result = FileResult(display)
         if path.exists() and not path.is_file():
@@ -108,23 +115,25 @@ class LintRun:
             result.findings.append(_file_error(display, error[0], error[1], error[2]))
             return result
         result.source, result.encoding = source, encoding
-        result.findings = self.lint_source(source, display)
         return result
 
-    def lint_source(self, source: str, path: str) -> list[Finding]:
+    def lint_source(self, source: str, path: str, module: cst.Module | None = None) -> list[Finding]:
+        """Findings of ``source``. ``module``, when given, is ``source`` already parsed: the
+        fixer passes the tree it will edit, since fixes name the nodes to replace."""
         try:
-            return call_with_deep_stack(self._lint_source, source, path)
+            return call_with_deep_stack(self._lint_source, source, path, module)
         except RecursionError:
             return [_file_error(path, "the file is nested too deeply to lint (an expression or block thousands of levels deep)")]
 
-    def _lint_source(self, source: str, path: str) -> list[Finding]:
+    def _lint_source(self, source: str, path: str, module: cst.Module | None) -> list[Finding]:
         too_deep = excessive_nesting(source)
         if too_deep is not None:
             depth, line = too_deep
             return [_file_error(path, f"the file nests more than {MAX_DEPTH} levels deep here: refusing to lint it (no hand-written model file does this)", line)]
         project = self.project_for(path)
         try:
-            module = project.parse(path, source) if project is not None else cst.parse_module(source)
+            if module is None:
+                module = project.parse(path, source) if project is not None else cst.parse_module(source)
         except cst.ParserSyntaxError as exc:
             return [_syntax_error(path, source, exc)] if "PTL001" in self.enabled else []
         ctx = FileContext(path, source, module, self.profile, project=project, private_paths=tuple(self.settings.private_paths))
