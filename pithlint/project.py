@@ -104,6 +104,16 @@ class ProjectFile:
         return ".".join([*package[: max(keep, 0)], name.lstrip(".")])
 
     @cached_property
+    def strings(self) -> list[tuple[cst.CSTNode, str]]:
+        """Every plain string literal of the file, with its value."""
+        found = []
+        for node in walk(self.module):
+            value = string_value(node)
+            if value is not None:
+                found.append((node, value))
+        return found
+
+    @cached_property
     def _positions(self):
         return MetadataWrapper(self.module, unsafe_skip_copy=True).resolve(PositionProvider)
 
@@ -438,7 +448,6 @@ class RawParameter:
 
 def raw_parameters(cls: ClassInfo, imports: ImportTable) -> dict[str, RawParameter]:
     found: dict[str, RawParameter] = {}
-    initialised = _initialised_in_constructor(cls, imports)
     for attr, values in cls.self_assignments.items():
         for value in values:
             if not (isinstance(value, cst.Call) and value.args and imports.resolve(value.func) in _PARAMETER):
@@ -448,7 +457,11 @@ def raw_parameters(cls: ClassInfo, imports: ImportTable) -> dict[str, RawParamet
                 imports.resolve(tensor.func) in _EMPTY
                 or (isinstance(tensor.func, cst.Attribute) and tensor.func.attr.value == "new_empty")
             )
-            found[attr] = RawParameter(attr, value, empty and attr not in initialised, _dims(tensor))
+            found[attr] = RawParameter(attr, value, empty, _dims(tensor))
+    if any(p.uninitialised for p in found.values()):  # only then is the constructor worth reading
+        initialised = _initialised_in_constructor(cls, imports)
+        for param in found.values():
+            param.uninitialised = param.uninitialised and param.name not in initialised
     return found
 
 
@@ -544,7 +557,7 @@ class Project:
             with tokenize.open(path) as handle:  # honours a PEP 263 coding cookie
                 source = handle.read()
             module = cst.parse_module(source)
-        except (OSError, SyntaxError, UnicodeDecodeError, cst.ParserSyntaxError) as exc:
+        except (OSError, SyntaxError, UnicodeDecodeError, RecursionError, cst.ParserSyntaxError) as exc:
             self.notice(f"cross-file rules cannot read {path.relative_to(self.root).as_posix()}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return None
         return ProjectFile(self.root, path, source, module, self.profile)

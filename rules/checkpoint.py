@@ -238,11 +238,10 @@ class RenamedCheckpointKey(Rule):
         } - {None}
         pattern = re.compile(r"\b(" + "|".join(map(re.escape, sorted(candidates))) + r")\.weight\b")
         for pf in project.converter_files if model_types else ():
-            literals = [(node, string_value(node)) for node in walk(pf.module) if isinstance(node, (cst.SimpleString, cst.ConcatenatedString))]
-            if not any(value in model_types for _, value in literals):
+            if not any(value in model_types for _, value in pf.strings):
                 continue  # the converter of another model
-            for node, value in literals:
-                match = pattern.search(value or "")
+            for node, value in pf.strings:
+                match = pattern.search(value)
                 if match:
                     self.report(
                         node,

@@ -80,7 +80,7 @@ def _distinctive(value: object) -> bool:
     return isinstance(value, str) and bool(value)
 
 
-def _exempt_literals(module: cst.Module) -> set[int]:
+def _exempt_literals(ctx) -> set[int]:
     """ids of literal nodes that are not hard-coded values: parameter defaults, fallbacks of
     ``getattr(obj, k, default)`` / ``d.get(k, default)``, attribute names, comparison operands
     and ``case`` patterns, subscripts, dict keys, docstrings, and the constants of
@@ -91,28 +91,30 @@ def _exempt_literals(module: cst.Module) -> set[int]:
         if node is not None:
             exempt.update(id(n) for n in walk(node))
 
-    for node in walk(module):
-        if isinstance(node, cst.Param):
-            mark(node.default)
-        elif isinstance(node, cst.Call):
-            name = dotted_name(node.func) or ""
-            if name in ("getattr", "hasattr", "setattr"):
-                for arg in node.args[1:3]:
-                    mark(arg.value)
-            elif name.endswith((".get", ".pop", ".setdefault")):
-                for arg in node.args[:2]:
-                    mark(arg.value)
-            elif ".init." in name or (isinstance(node.func, cst.Attribute) and node.func.attr.value.endswith("_")):
-                mark(node)
-        elif isinstance(node, (cst.Comparison, cst.MatchCase)):
-            mark(node.pattern if isinstance(node, cst.MatchCase) else node)
-        elif isinstance(node, cst.Subscript):
-            for element in node.slice:
-                mark(element.slice)
-        elif isinstance(node, cst.DictElement):
-            mark(node.key)
-        elif isinstance(node, cst.Expr):
-            mark(node.value)  # docstrings and bare strings
+    for param in ctx.nodes(cst.Param):
+        mark(param.default)
+    for call in ctx.nodes(cst.Call):
+        name = dotted_name(call.func) or ""
+        if name in ("getattr", "hasattr", "setattr"):
+            for arg in call.args[1:3]:
+                mark(arg.value)
+        elif name.endswith((".get", ".pop", ".setdefault")):
+            for arg in call.args[:2]:
+                mark(arg.value)
+        elif ".init." in name or (isinstance(call.func, cst.Attribute) and call.func.attr.value.endswith("_")):
+            mark(call)
+    for node in ctx.nodes(cst.Comparison):
+        mark(node)
+    for case in ctx.nodes(cst.MatchCase):
+        mark(case.pattern)
+    for subscript in ctx.nodes(cst.Subscript):
+        for element in subscript.slice:
+            mark(element.slice)
+    for element in ctx.nodes(cst.DictElement):
+        mark(element.key)
+    for statement in ctx.nodes(cst.Expr):
+        if string_value(statement.value) is not None:
+            mark(statement.value)  # docstrings
     return exempt
 
 
@@ -188,7 +190,7 @@ class HardCodedConfigValue(Rule):
                     values.setdefault(value, (key, config.relative))
         if not values:
             return
-        exempt = _exempt_literals(self.ctx.module)
+        exempt = _exempt_literals(self.ctx)
         for node_type in (cst.Integer, cst.Float, cst.SimpleString):
             for node in self.ctx.nodes(node_type):
                 if id(node) in exempt:

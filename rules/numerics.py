@@ -459,13 +459,15 @@ class DynamicShapeIntoCompiled(Rule):
     model_files_only = False
 
     def check(self) -> None:
-        if self.ctx.is_model_file:
-            return
-        loops = [*self.ctx.nodes(cst.For), *self.ctx.nodes(cst.While)]
-        if not loops:
-            return
-        instances = self._model_instances()
         package, _, setter = self.profile.p2p_shape_setter.rpartition(".")
+        models_package = self.profile.models_dir.strip("/").replace("/", ".")
+        pipeline = self.profile.pipeline_class.rpartition(".")[2]
+        if self.ctx.is_model_file or not any(word in self.ctx.source for word in (models_package, setter, pipeline)):
+            return  # cheap text test first: most files never mention a model
+        loops = [*self.ctx.nodes(cst.For), *self.ctx.nodes(cst.While)]
+        instances = self._model_instances() if loops else set()
+        if not instances and not any(t.startswith(package + ".") and t.endswith("." + setter) for t in self.ctx.imports.aliases.values()):
+            return  # this file drives no model and never sizes the pipeline's buffers
         reported: set[int] = set()
         for loop in loops:
             variant = _loop_variant_names(loop)
@@ -681,10 +683,11 @@ class GroupedMmPaddingRows(Rule):
         candidates = []
         for info in self.ctx.structure.classes.values():
             forward = info.methods.get("forward")
-            if forward is None:
+            small = {name for name, p in raw_parameters(info, self.ctx.imports).items() if p.dims is not None and p.dims <= 2}
+            if forward is None or not small:
                 continue
             methods = functions_called_from(info, forward, {})
-            addons = self._addon_parameters(info, methods)
+            addons = self._addon_parameters(small, methods)
             if addons and (info in self.ctx.structure.experts_classes or self._calls_grouped_mm(methods)) and not self._truncates(forward):
                 candidates.append((info, forward, addons))
         if not candidates or self.ctx.project is None:
@@ -702,9 +705,10 @@ class GroupedMmPaddingRows(Rule):
                 self._fix(forward),
             )
 
-    def _addon_parameters(self, info, methods) -> list[str]:
-        """Raw per-expert parameters of at most two dimensions (biases, scales) the forward reads."""
-        small = {name for name, p in raw_parameters(info, self.ctx.imports).items() if p.dims is not None and p.dims <= 2}
+    @staticmethod
+    def _addon_parameters(small: set[str], methods) -> list[str]:
+        """The raw parameters of at most two dimensions (per-expert biases, scales) that the
+        forward, or a method it calls, reads."""
         read = {
             node.attr.value
             for func in methods
