@@ -214,6 +214,12 @@ def _reached(ctx: FileContext, cls: ClassInfo | None, call: cst.Call) -> list[tu
     return list(found.values())
 
 
+def _snippet(ctx: FileContext, node: cst.CSTNode) -> str:
+    """The node's code on one line, cut to a readable length for messages."""
+    code = " ".join(ctx.module.code_for_node(node).split())
+    return code if len(code) <= 60 else code[:57] + "..."
+
+
 def _qualname(cls: ClassInfo | None, func: cst.FunctionDef) -> str:
     return f"{cls.name}.{func.name.value}" if cls is not None else func.name.value
 
@@ -853,6 +859,280 @@ class Stage1OutputOrder(Rule):
                         return hidden_states, hidden_states, None  # [PTL104]
                     dispatch_tokens, routing = prepare_dispatch(hidden_states, topk_idx, topk_weight, self.mlp.num_experts, distributed.ep_size, self.mlp.experts_per_rank, distributed.ep_group)
                     return residual, dispatch_tokens, routing  # [PTL104]
+            """,
+            profile="v2",
+        ),
+    ]
+
+
+def _sum_terms(expr: cst.BaseExpression) -> list[cst.BaseExpression]:
+    """The terms of ``a + b + c`` (one term for anything else)."""
+    if isinstance(expr, cst.BinaryOperation) and isinstance(expr.operator, cst.Add):
+        return _sum_terms(expr.left) + _sum_terms(expr.right)
+    return [expr]
+
+
+def _reshapes_to(node: cst.CSTNode, is_residual) -> bool:
+    """``x.view(*r.shape)`` / ``x.reshape(r.shape)`` / ``x.view_as(r)`` with ``is_residual(r)``."""
+    if not isinstance(node, cst.Call) or not isinstance(node.func, cst.Attribute) or len(node.args) != 1:
+        return False
+    method, arg = node.func.attr.value, node.args[0]
+    if method in ("view_as", "reshape_as"):
+        return not arg.star and is_residual(arg.value)
+    if method in ("view", "reshape") and arg.star in ("", "*"):
+        target = arg.value
+        return isinstance(target, cst.Attribute) and target.attr.value == "shape" and is_residual(target.value)
+    return False
+
+
+class Stage5ClosesResidual(Rule):
+    """
+    What it does:
+    Checks the layer's stage-5 method (v1 ``forward_aggregate``, v2 ``forward_stage5``):
+    it reads only its own parameters, its locals and module names (a free name is reported);
+    every ``return`` is ``residual + <expert sum>``, followed through local variables; and
+    the expert sum, computed from ``moe_outs``, is brought to the residual's shape with
+    ``.view(*residual.shape)`` (``.reshape``/``.view_as(residual)`` are accepted) on every
+    path. A dense early return ``residual + moe_outs`` needs no reshape.
+
+    Why it matters:
+    Stage 5 is compiled with ``fullgraph=True``: a name that nothing binds raises NameError
+    only when the region first runs, after the whole pipeline has been set up. A return that
+    drops the residual cuts the residual stream of every following layer. Without the
+    reshape, the ``[tokens, hidden]`` expert sum broadcasts against ``[batch, seq, hidden]``:
+    with batch 1 it silently works, with a larger batch it fails or mixes sequences.
+
+    Example:
+        @torch.compile(fullgraph=True)
+        def forward_aggregate(self, moe_outs, moe_local_idxs, topk_weight, residual):
+            weighted = moe_outs.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1)
+            hidden_states = weighted.sum(dim=1).to(moe_input_hidden_states.dtype)
+            return residual + hidden_states
+
+    Use instead:
+        @torch.compile(fullgraph=True)
+        def forward_aggregate(self, moe_outs, moe_local_idxs, topk_weight, residual):
+            weighted = moe_outs.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1)
+            hidden_states = weighted.sum(dim=1).to(moe_outs.dtype).view(*residual.shape)
+            return residual + hidden_states
+
+    Where it comes from:
+    Upstream PithTrain: an out-of-order merge re-introduced a read of `moe_input_hidden_states`,
+    a stage-5 parameter removed earlier; the protocol's stage-5 contract (weighted sum,
+    reshaped to the residual, added to it).
+    """
+
+    code = "PTL105"
+    name = "stage5-closes-residual"
+    message = "stage 5 does not close the residual"
+
+    def check(self) -> None:
+        profile = self.profile
+        stage5 = profile.stage5
+        layers = [(layer, layer.methods[stage5]) for layer in self.ctx.structure.layer_classes if stage5 in layer.methods]
+        if not layers:
+            return
+        known = module_names(self.ctx.module)  # None: a star import hides the module's names
+        for layer, func in layers:
+            label = f"{layer.name}.{stage5}"
+            if known is not None:
+                self._check_free_names(label, func, known)
+            residual = _protocol_param(func, profile, stage5, profile.stage5_residual)
+            moe_outs = _protocol_param(func, profile, stage5, profile.stage5_moe_outs)
+            if residual is None or moe_outs is None:
+                continue  # PTL101 reports the signature
+            flow = FunctionFlow(func)
+            for ret in flow.returns:
+                problem = self._return_problem(flow, ret, residual, moe_outs)
+                if problem is not None:
+                    self.report(ret, f"'{label}' {problem}")
+
+    def _check_free_names(self, label: str, func: cst.FunctionDef, known: set[str]) -> None:
+        reported: set[str] = set()
+        for name in free_names(func, known):
+            if name.value not in reported:
+                reported.add(name.value)
+                self.report(
+                    name,
+                    f"'{label}' reads '{name.value}', which is not a parameter, a local or a module-level name: "
+                    "a NameError when the compiled region first runs (a removed parameter?)",
+                )
+
+    def _return_problem(self, flow: FunctionFlow, ret: cst.Return, residual: str, moe_outs: str) -> str | None:
+        """Why ``ret`` is not ``residual + <expert sum reshaped to the residual>``, or None."""
+        if ret.value is None:
+            return "returns nothing; it must return the residual plus the expert sum"
+        for source in flow.sources(ret.value, ret):
+            if source.kind != "value":
+                return f"returns '{_snippet(self.ctx, ret.value)}' without adding it to '{residual}'"
+            problem = self._sum_problem(flow, source.node, source.at, residual, moe_outs)
+            if problem is not None:
+                return problem
+        return None
+
+    def _sum_problem(self, flow: FunctionFlow, value, at, residual: str, moe_outs: str) -> str | None:
+        code = _snippet(self.ctx, value)
+        terms = _sum_terms(value)
+        if len(terms) < 2:
+            return f"returns '{code}', not '{residual} + <expert sum>': the residual stream must be closed here"
+        # The residual term derives from the residual alone (a cast is fine); the expert terms
+        # from moe_outs. Terms from neither (shared experts) are PTL106's business.
+        roots = [_params_reached(flow, term, at) & {residual, moe_outs} for term in terms]
+        if {residual} not in roots:
+            return f"returns '{code}', which does not add '{residual}': the residual stream must be closed here"
+        del terms[roots.index({residual})]
+        experts = [term for term in terms if moe_outs in _params_reached(flow, term, at)]
+        if not experts:
+            return f"returns '{code}': nothing added to '{residual}' comes from '{moe_outs}'"
+        for term in experts:
+            for source in flow.sources(term, at):
+                if source.kind == "param" and source.node.name.value == moe_outs:
+                    continue  # dense early return: residual + moe_outs, already in the residual's shape
+                if not self._reshaped(flow, source, residual, at):
+                    return (
+                        f"adds '{residual}' to an expert sum never reshaped with .view(*{residual}.shape): "
+                        "[tokens, hidden] broadcasts against [batch, seq, hidden]"
+                    )
+        return None
+
+    @staticmethod
+    def _reshaped(flow: FunctionFlow, source: Source, residual: str, at: cst.CSTNode) -> bool:
+        """The value of ``source`` goes through a reshape to the residual's shape."""
+        for step in flow.depends(source.node, source.at or at):
+            if step.kind != "value" or step.at is None:
+                continue
+
+            def is_residual(expr, at=step.at) -> bool:
+                return _params_reached(flow, expr, at) == {residual}
+
+            if any(_reshapes_to(node, is_residual) for node in walk(step.node)):
+                return True
+        return False
+
+    VALID = [
+        # Seed-era shape: the branches assign the sum, one return adds the residual.
+        Valid(
+            """
+            import torch
+            from torch import nn
+
+
+            class MoE(nn.Module): ...
+
+
+            class Layer(nn.Module):
+                def forward_attn(self, hidden_states): ...
+
+                @torch.compile(fullgraph=True)
+                def forward_aggregate(self, moe_outs, moe_local_idxs, topk_weight, residual):
+                    if isinstance(self.mlp, MoE):
+                        if self.mlp.ep_size > 1:
+                            seq_len, topk = topk_weight.shape
+                            permuted_probs = topk_weight.view(-1)[moe_local_idxs]
+                            weighted = (moe_outs.float() * permuted_probs.unsqueeze(-1)).to(moe_outs.dtype)
+                            hidden_states = moe_outs.new_zeros(seq_len, moe_outs.shape[-1])
+                            hidden_states.scatter_add_(0, (moe_local_idxs // topk)[:, None].expand_as(weighted), weighted)
+                            hidden_states = hidden_states.view(*residual.shape)
+                        else:
+                            final_out = moe_outs.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(dim=-1)
+                            hidden_states = final_out.sum(dim=1).to(moe_outs.dtype).view(*residual.shape)
+                    else:
+                        hidden_states = moe_outs
+                    hidden_states = residual + hidden_states
+                    return hidden_states
+            """
+        ),
+        # A nested helper that reads self and its own parameters; a dense early return.
+        Valid(
+            """
+            class Layer(nn.Module):
+                def forward_attn(self, hidden_states): ...
+
+                @torch.compile(fullgraph=True)
+                def forward_aggregate(self, moe_outs, moe_local_idxs, topk_weight, residual):
+                    def finalize(moe_outs, topk_weight):
+                        assert self.mlp.ep_size == 1
+                        weighted = moe_outs.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1)
+                        return weighted.sum(dim=1).to(moe_outs.dtype)
+
+                    if topk_weight is None:
+                        return residual + moe_outs
+                    return residual + finalize(moe_outs, topk_weight).view_as(residual)
+            """
+        ),
+        Valid(
+            """
+            import torch
+            from torch import nn
+
+            from pithtrain.contexts import distributed
+
+
+            class MoE(nn.Module): ...
+
+
+            class Layer(nn.Module):
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+                @torch.compile(fullgraph=True)
+                def forward_stage5(self, moe_outs, moe_local_idxs, topk_weight, residual):
+                    if not isinstance(self.mlp, MoE):
+                        return residual + moe_outs
+                    if distributed.ep_size == 1:
+                        weighted = moe_outs.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1)
+                        return residual + weighted.sum(dim=1).to(moe_outs.dtype).view(*residual.shape)
+                    weighted = (moe_outs.float() * topk_weight.view(-1)[moe_local_idxs].unsqueeze(-1)).to(moe_outs.dtype)
+                    aggregated = moe_outs.new_zeros(topk_weight.shape[0], moe_outs.shape[-1])
+                    aggregated.scatter_add_(0, (moe_local_idxs // topk_weight.shape[1])[:, None].expand_as(weighted), weighted)
+                    return residual + aggregated.view(*residual.shape)
+            """,
+            profile="v2",
+        ),
+    ]
+    INVALID = [
+        # A removed parameter read again after a merge.
+        Invalid(
+            """
+            class Layer(nn.Module):
+                def forward_attn(self, hidden_states): ...
+
+                @torch.compile(fullgraph=True)
+                def forward_aggregate(self, moe_outs, moe_local_idxs, topk_weight, residual):
+                    final_out = moe_outs.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(dim=-1)
+                    hidden_states = final_out.sum(dim=1).to(moe_input_hidden_states.dtype)  # [PTL105]
+                    return residual + hidden_states.view(*residual.shape)
+            """
+        ),
+        # No reshape on the EP path; the residual dropped on the other.
+        Invalid(
+            """
+            class Layer(nn.Module):
+                def forward_attn(self, hidden_states): ...
+
+                @torch.compile(fullgraph=True)
+                def forward_aggregate(self, moe_outs, moe_local_idxs, topk_weight, residual):
+                    num_tokens, topk = topk_weight.shape
+                    if moe_local_idxs is not None:
+                        weighted = moe_outs.float() * topk_weight.view(-1)[moe_local_idxs].unsqueeze(-1)
+                        summed = weighted.new_zeros(num_tokens, moe_outs.shape[-1])
+                        summed.index_add_(0, moe_local_idxs // topk, weighted)
+                        return residual + summed.to(moe_outs.dtype)  # [PTL105]
+                    summed = (moe_outs.view(num_tokens, topk, -1) * topk_weight.unsqueeze(-1)).sum(1)
+                    out = summed.to(moe_outs.dtype).view(*residual.shape)
+                    return out  # [PTL105]
+            """
+        ),
+        Invalid(
+            """
+            class Layer(nn.Module):
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+                @torch.compile(fullgraph=True)
+                def forward_stage5(self, moe_outs, moe_local_idxs, topk_weight, residual):
+                    if ep_size == 1:  # [PTL105]
+                        weighted = moe_outs.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1)
+                        return residual + weighted.sum(dim=1).to(moe_outs.dtype).view(*residual.shape)
+                    return residual + residual  # [PTL105]
             """,
             profile="v2",
         ),

@@ -140,10 +140,13 @@ def _non_loads(scope: cst.CSTNode) -> set[cst.Name]:
 def free_names(func: cst.FunctionDef, known: set[str]) -> list[cst.Name]:
     """The reads in ``func`` (nested functions included) of names that nothing binds: not a
     parameter or local of ``func`` or of the nested function reading it, not in ``known``
-    (pass :func:`module_names`), not a builtin. Each is a NameError when its line runs."""
+    (pass :func:`module_names`), not a builtin. Each is a NameError when its line runs.
+    The decorators and defaults of ``func`` are not read by its body and are left out."""
     found: list[cst.Name] = []
+    header = {n for d in func.decorators for n in walk(d) if isinstance(n, cst.Name)}
+    header.update(n for p in _params(func.params) if p.default is not None for n in walk(p.default) if isinstance(n, cst.Name))
     _collect_free(func, frozenset(known) | _BUILTINS, found)
-    return found
+    return [name for name in found if name not in header]
 
 
 def _collect_free(scope: cst.CSTNode, visible: frozenset[str], found: list[cst.Name]) -> None:
