@@ -1137,3 +1137,285 @@ class Stage5ClosesResidual(Rule):
             profile="v2",
         ),
     ]
+
+
+class SharedExpertsInStage1(Rule):
+    """
+    What it does:
+    When the MoE block owns shared experts (an attribute or method named ``shared_experts``,
+    ``shared_expert``, ``shared_expert_gate`` or ``shared_out``), checks that the compiled
+    stage-1 region (v1 ``_forward_attn_compute``, v2 ``forward_stage1_compute``) adds their
+    output into the residual it returns, followed by dataflow from the returned residual
+    slot, and that the stage-5 method never references them, directly or through a call. The
+    non-pipelined reference path (``mlp.forward``, ``moe_infer``, ``reference_forward``) may
+    call them.
+
+    Why it matters:
+    Stage 1 runs while the dispatch all-to-all of another micro-batch is in flight; stage 5
+    sits after the combine, on the critical path. Shared experts computed in stage 5 give the
+    same numbers but lose the overlap. Shared experts computed in stage 1 but not added into
+    the residual are simply dropped: the layer silently loses a term.
+
+    Example:
+        @torch.compile(fullgraph=True)
+        def forward_aggregate(self, moe_outs, moe_local_idxs, topk_weight, residual):
+            expert_sum = self.weighted_sum(moe_outs, topk_weight).view(*residual.shape)
+            return residual + expert_sum + self.mlp.shared_experts(self.normed)
+
+    Use instead:
+        @torch.compile(fullgraph=True)
+        def _forward_attn_compute(self, hidden_states):
+            ...
+            residual = hidden_states
+            hidden_states = self.post_attention_layernorm(hidden_states)
+            residual = residual + self.mlp.shared_experts(hidden_states)
+            return hidden_states, residual
+
+    Where it comes from:
+    Upstream PithTrain: shared experts computed in stage 5 lost the overlap with the dispatch
+    all-to-all; the protocol says stage 1 adds them into the residual.
+    """
+
+    code = "PTL106"
+    name = "shared-experts-in-stage1"
+    message = "shared experts are not added into the residual in stage 1"
+
+    def check(self) -> None:
+        names = set(self.profile.shared_expert_names)
+        owners = [moe for moe in self.ctx.structure.moe_classes if any(moe.defines(n) for n in names)]
+        if not owners:
+            return
+        owned = ", ".join(sorted({f"'{n}'" for moe in owners for n in names if moe.defines(n)}))
+        owner = "/".join(moe.name for moe in owners)
+        for layer in self.ctx.structure.layer_classes:
+            self._check_stage1(layer, owner, owned)
+            self._check_stage5(layer)
+
+    def _names_shared(self, node: cst.CSTNode) -> cst.Attribute | None:
+        names = self.profile.shared_expert_names
+        return next((n for n in walk(node) if isinstance(n, cst.Attribute) and n.attr.value in names), None)
+
+    def _runs_shared(self, layer: ClassInfo, node: cst.CSTNode) -> bool:
+        """``node`` references the shared experts, or calls something of the file that does."""
+        if self._names_shared(node) is not None:
+            return True
+        calls = (n for n in walk(node) if isinstance(n, cst.Call))
+        return any(self._names_shared(f) is not None for call in calls for _, f in _reached(self.ctx, layer, call))
+
+    def _check_stage1(self, layer: ClassInfo, owner: str, owned: str) -> None:
+        profile = self.profile
+        compiled = profile.stage1_compute in layer.methods
+        region = layer.methods.get(profile.stage1_compute if compiled else profile.stage1)
+        outputs = profile.stage1_compute_outputs if compiled else profile.stage1_output_fields
+        if region is None or profile.stage5_residual not in outputs:
+            return
+        index = outputs.index(profile.stage5_residual)
+        flow = FunctionFlow(region)
+        residuals = []
+        for ret in flow.returns:
+            for value, at in flow.returned_values(ret):
+                slots = tuple_slots(value, outputs)
+                if slots is not None and index < len(slots) and slots[index] is not None:
+                    residuals.append((slots[index], at))
+        if not residuals:
+            return  # nothing this rule can follow
+        for expr, at in residuals:
+            for source in flow.depends(expr, at):
+                if source.kind in ("value", "unpacked") and self._runs_shared(layer, source.node):
+                    return
+        where = ""
+        stage1 = layer.methods.get(profile.stage1)
+        if compiled and stage1 is not None and self._runs_shared(layer, stage1):
+            where = f" ('{profile.stage1}' runs them outside the compiled region)"
+        self.report(
+            region.name,
+            f"'{owner}' owns shared experts ({owned}), but '{layer.name}.{region.name.value}' never adds "
+            f"their output into the residual it returns{where}: stage 1 must add them there",
+        )
+
+    def _check_stage5(self, layer: ClassInfo) -> None:
+        func = layer.methods.get(self.profile.stage5)
+        if func is None:
+            return
+        label = f"{layer.name}.{self.profile.stage5}"
+        for node in walk(func):
+            if isinstance(node, cst.Attribute) and node.attr.value in self.profile.shared_expert_names:
+                self.report(
+                    node,
+                    f"'{label}' references the shared experts ('{node.attr.value}'): they belong in the "
+                    "compiled stage-1 region, overlapped with the dispatch, added into the residual",
+                )
+            elif isinstance(node, cst.Call) and self._names_shared(node.func) is None:
+                for owner, reached in _reached(self.ctx, layer, node):
+                    if self._names_shared(reached) is not None:
+                        self.report(
+                            node,
+                            f"'{label}' calls '{_qualname(owner, reached)}', which runs the shared experts: "
+                            "they belong in the compiled stage-1 region, added into the residual",
+                        )
+                        break
+
+    VALID = [
+        # DeepSeek, seed era: shared experts optional, added in the compiled body; the
+        # reference path (mlp.forward) runs them too.
+        Valid(
+            """
+            import torch
+            from torch import nn
+
+
+            class MoE(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.experts = Experts(config)
+                    if config.n_shared_experts is not None:
+                        self.shared_experts = MLP(config)
+
+                def forward(self, hidden_states):
+                    y = self.moe_infer(hidden_states)
+                    if hasattr(self, "shared_experts"):
+                        y = y + self.shared_experts(hidden_states)
+                    return y
+
+
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    super().__init__()
+                    self.mlp = MoE(config)
+
+                @torch.compile(fullgraph=True)
+                def _forward_attn_compute(self, hidden_states):
+                    residual = hidden_states
+                    hidden_states = residual + self.self_attn(self.input_layernorm(hidden_states))
+                    residual = hidden_states
+                    hidden_states = self.post_attention_layernorm(hidden_states)
+                    if hasattr(self.mlp, "shared_experts"):
+                        residual = residual + self.mlp.shared_experts(hidden_states)
+                    return hidden_states, residual
+
+                def forward_attn(self, hidden_states): ...
+
+                @torch.compile(fullgraph=True)
+                def forward_aggregate(self, moe_outs, moe_local_idxs, topk_weight, residual):
+                    if not hasattr(self.mlp, "experts"):
+                        return residual + moe_outs
+                    return residual + self.weighted_sum(moe_outs, topk_weight).view(*residual.shape)
+
+                def reference_forward(self, hidden_states):
+                    return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+            """
+        ),
+        # Qwen3.5, v2: a gated helper method; a dense early return without them.
+        Valid(
+            """
+            import torch
+            from torch import nn
+
+
+            class SparseMoeBlock(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.experts = Experts(config)
+                    self.shared_expert = MLP(config)
+                    self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+                def shared_out(self, hidden_states):
+                    return torch.sigmoid(self.shared_expert_gate(hidden_states)) * self.shared_expert(hidden_states)
+
+
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    super().__init__()
+                    self.mlp = SparseMoeBlock(config) if layer_idx > 0 else MLP(config)
+
+                @torch.compile(fullgraph=True)
+                def forward_stage1_compute(self, hidden_states, rotary_posemb, cu_seqlens=None):
+                    residual = hidden_states + self.self_attn(self.input_layernorm(hidden_states), rotary_posemb)
+                    hidden_states = self.post_attention_layernorm(residual)
+                    if isinstance(self.mlp, MLP):
+                        return hidden_states, residual, None, None, None
+                    residual = residual + self.mlp.shared_out(hidden_states)
+                    topk_idx, topk_weight, lb_loss = self.mlp.gate(hidden_states)
+                    return hidden_states, residual, topk_idx, topk_weight, lb_loss
+
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+            """,
+            profile="v2",
+        ),
+    ]
+    INVALID = [
+        Invalid(
+            """
+            import torch
+            from torch import nn
+
+
+            class MoE(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.experts = Experts(config)
+                    self.shared_experts = MLP(config)
+
+
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    super().__init__()
+                    self.mlp = MoE(config)
+
+                @torch.compile(fullgraph=True)
+                def _forward_attn_compute(self, hidden_states):  # [PTL106]
+                    residual = hidden_states + self.self_attn(self.input_layernorm(hidden_states))
+                    return self.post_attention_layernorm(residual), residual
+
+                def forward_attn(self, hidden_states): ...
+
+                @torch.compile(fullgraph=True)
+                def forward_aggregate(self, moe_outs, moe_local_idxs, topk_weight, residual):
+                    shared = self.mlp.shared_experts(self.normed)  # [PTL106]
+                    return residual + self.weighted_sum(moe_outs, topk_weight).view(*residual.shape) + shared
+            """
+        ),
+        # v2: computed in stage 1, but added to the dispatched tokens instead of the residual;
+        # stage 5 reaches the gated helper through a layer method.
+        Invalid(
+            """
+            import torch
+            from torch import nn
+
+
+            class SparseMoeBlock(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.experts = Experts(config)
+                    self.shared_expert = MLP(config)
+
+                def shared_out(self, hidden_states):
+                    return self.shared_expert(hidden_states)
+
+
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    super().__init__()
+                    self.mlp = SparseMoeBlock(config)
+
+                @torch.compile(fullgraph=True)
+                def forward_stage1_compute(self, hidden_states, rotary_posemb, cu_seqlens=None):  # [PTL106]
+                    residual = hidden_states + self.self_attn(self.input_layernorm(hidden_states), rotary_posemb)
+                    hidden_states = self.post_attention_layernorm(residual)
+                    hidden_states = hidden_states + self.mlp.shared_out(hidden_states)
+                    topk_idx, topk_weight, lb_loss = self.mlp.gate(hidden_states)
+                    return hidden_states, residual, topk_idx, topk_weight, lb_loss
+
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+                def _with_shared(self, x):
+                    return x + self.mlp.shared_out(x)
+
+                @torch.compile(fullgraph=True)
+                def forward_stage5(self, moe_outs, moe_local_idxs, topk_weight, residual):
+                    summed = self.weighted_sum(moe_outs, topk_weight).view(*residual.shape)
+                    return residual + self._with_shared(summed)  # [PTL106]
+            """,
+            profile="v2",
+        ),
+    ]
