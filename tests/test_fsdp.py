@@ -300,7 +300,14 @@ def run(args, ctx, reporter: Reporter, record: dict) -> None:
     set_p2p_tensor_shapes([(mbs, seq_len, hidden_size)])
     set_p2p_tensor_dtype(dtype)
     pipeline = DualPipeV(tuple(local), pp_group=ctx.pp_group, ep_group=ctx.ep_group)
-    pipeline.on_progress = lambda what: reporter.progress(f"dualpipe step: {what}")
+    schedule = record["schedule"] = []
+
+    def on_progress(what: str) -> None:
+        reporter.progress(f"dualpipe step: {what}")
+        if not what.startswith("P2P wait") and what != "step done":
+            schedule.append(what)
+
+    pipeline.on_progress = on_progress
 
     if rank == 0:
         info("[INFO] Running the DualPipeV step.")

@@ -44,6 +44,10 @@ The harness (``tests/test_fsdp.py --result-dir DIR``) writes, per rank R:
                                  all-zero gradients (silent-zero experts)
     ``rank_ok``                  ``loss_ok`` (where checked), ``grads_ok`` and not
                                  ``moe_all_zero``
+    ``schedule``                 the DualPipeV compute steps this rank ran, in order
+                                 (``"F0 chunk 0"``, ``"B1 chunk 0 (zero-bubble)"``,
+                                 ``"F1 chunk 2 + B0 chunk 0"``, ``"W (deferred weight
+                                 gradients)"``)
     ``times``                    seconds: ``reference_s``, ``dualpipe_s``, ``check_s``,
                                  ``total_s``
     ``last_progress``            the last progress line

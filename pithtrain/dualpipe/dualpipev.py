@@ -69,8 +69,10 @@ class DualPipeV(nn.Module):
         self.next_pp_rank = self.pp_rank + 1 if self.pp_rank < self.pp_size - 1 else None
         self.is_first_pp_rank = self.pp_rank == 0
         self.is_last_pp_rank = self.pp_rank == self.pp_size - 1
-        # Called with a short description whenever this rank starts something new (a
-        # chunk, a P2P wait), so that a hang can be located; None to stay silent.
+        # Called with a short description whenever this rank starts something new, so
+        # that a hang can be located; None to stay silent. Compute steps read "F0 chunk 3",
+        # "B1 chunk 2" (+ " (zero-bubble)"), "F1 chunk 4 + B0 chunk 1" (overlapped) or
+        # "W (deferred weight gradients)"; waits start with "P2P wait:".
         self.on_progress: Optional[Callable[[str], None]] = None
         self._records: Tuple[List[IntermediateTensors], List[IntermediateTensors]] = ([], [])
 
@@ -164,7 +166,7 @@ class DualPipeV(nn.Module):
             return
         chunk_id = self.current_b_chunk_id[phase]
         self.current_b_chunk_id[phase] += 1
-        self._progress(f"B{phase} chunk {chunk_id}")
+        self._progress(f"B{phase} chunk {chunk_id}" + (" (zero-bubble)" if enable_zb else ""))
         loss, _, dy = self._backward_inputs(phase, chunk_id)
         WeightGradStore.enabled = enable_zb
         input_grads = backward_with_records(

@@ -37,7 +37,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_rung(result_dir: Path, pp: int, ep: int, model_file=None, poison=False) -> RungRun:
+def run_rung(
+    result_dir: Path, pp: int, ep: int, model_file=None, poison=False, num_chunks=None
+) -> RungRun:
     world = pp * ep
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
@@ -49,6 +51,8 @@ def run_rung(result_dir: Path, pp: int, ep: int, model_file=None, poison=False) 
     ]  # fmt: skip
     if model_file is not None:
         cmd += ["--model-file", str(FIXTURES / model_file)]
+    if num_chunks is not None:
+        cmd += ["--num-chunks", str(num_chunks)]
     env = dict(os.environ, PITHTRAIN_POISON_UNINITIALIZED="1" if poison else "0")
     proc = subprocess.Popen(
         cmd,
@@ -71,9 +75,40 @@ def run_rung(result_dir: Path, pp: int, ep: int, model_file=None, poison=False) 
     return RungRun(proc.returncode, output, records, progress, verdict)
 
 
-@pytest.mark.parametrize(("pp", "ep"), [(1, 1), (2, 1), (1, 2), (2, 2)], ids=["1x1", "2x1", "1x2", "2x2"])
-def test_rung_passes(tmp_path, pp, ep):
-    run = run_rung(tmp_path, pp, ep)
+def spec_trace(text: str) -> list:
+    """A worked trace of the protocol notes (``F0:0 B1:0z [F1:1|B0:0] W``) in the wording
+    of DualPipeV's progress lines."""
+    out = []
+    for step in text.split():
+        if step == "W":
+            out.append("W (deferred weight gradients)")
+        elif step.startswith("["):
+            forward, backward = step.strip("[]").split("|")
+            out.append(f"{spec_trace(forward)[0]} + {spec_trace(backward)[0]}")
+        else:
+            name, chunk = step.rstrip("z").split(":")
+            out.append(f"{name} chunk {chunk}" + (" (zero-bubble)" if step.endswith("z") else ""))
+    return out
+
+
+# The schedule each pp rank must run, from the protocol notes (section 2.8), for the
+# rungs run at the smallest chunk count, num_chunks = 2 * pp.
+SPEC_TRACES = {
+    (1, 0): "F0:0 F1:0 F0:1 B1:0 [F1:1|B0:0] B1:1 B0:1z W",
+    (2, 0): "F0:0 F0:1 F0:2 F1:0 B1:0z W F1:1 [F0:3|B1:1] [F1:2|B0:0] B1:2 [F1:3|B0:1] B1:3 "
+    "B0:2z W B0:3z W",
+    (2, 1): "F0:0 F1:0 F0:1 F1:1 F0:2 B1:0 [F1:2|B0:0] [F0:3|B1:1] [F1:3|B0:1] B1:2 B0:2 B1:3z "
+    "B0:3z W W",
+}
+
+
+@pytest.mark.parametrize(
+    ("pp", "ep", "num_chunks"),
+    [(1, 1, 2), (2, 1, 4), (1, 2, None), (2, 2, None)],
+    ids=["1x1", "2x1", "1x2", "2x2"],
+)
+def test_rung_passes(tmp_path, pp, ep, num_chunks):
+    run = run_rung(tmp_path, pp, ep, num_chunks=num_chunks)
     assert run.returncode == 0, run.verdict.message + "\n" + run.output[-3000:]
     assert run.verdict.passed, run.verdict.message
     assert sorted(r["rank"] for r in run.records) == list(range(pp * ep))
@@ -86,6 +121,8 @@ def test_rung_passes(tmp_path, pp, ep):
         assert record["params"] and all(p["diff"] is not None for p in record["params"] if p["is_moe"])
         if record["pp_rank"] == 0:
             assert len(record["losses"]) == len(record["ref_losses"]) == record["num_chunks"]
+        if num_chunks == 2 * pp:
+            assert record["schedule"] == spec_trace(SPEC_TRACES[pp, record["pp_rank"]])
     assert "[INFO] All gradients match the reference." in run.output
     assert all(line == "done" for line in run.progress.values())
 
