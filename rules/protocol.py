@@ -1419,3 +1419,238 @@ class SharedExpertsInStage1(Rule):
             profile="v2",
         ),
     ]
+
+
+class ReferenceForwardEager(Rule):
+    """
+    What it does:
+    Checks the layer's ``reference_forward`` and everything of the file it runs (the MoE
+    block's reference path: v1 ``mlp.forward`` and ``moe_infer``, v2
+    ``mlp.reference_forward``): the layer's and the MLP/MoE blocks' methods on that path are
+    not decorated with ``torch.compile``, and nothing on it calls the dispatch helper or an
+    all-to-all. The router's own compiled method may be called (upstream does).
+
+    Why it matters:
+    ``reference_forward`` is the single-process oracle that the ladder compares the 5-stage
+    path against. If it shares the compiled regions, a compiler bug shows up on both sides and
+    cancels out; if it dispatches or exchanges tokens, it is no longer independent of the
+    code it is meant to check, and it needs a process group that the single-process run does
+    not have.
+
+    Example:
+        class MoE(nn.Module):
+            def moe_infer(self, x, topk_ids, topk_weight):
+                tokens, *rest = moe_ep_prepare_dispatch(x, topk_ids, ...)
+                ...
+
+    Use instead:
+        class MoE(nn.Module):
+            def moe_infer(self, x, topk_ids, topk_weight):
+                assert self.ep_size == 1, "the reference path holds every expert"
+                tokens = x.repeat_interleave(self.num_experts_per_tok, dim=0)
+                ...
+
+    Where it comes from:
+    PithTrain's layer protocol: `reference_forward` is a plain eager forward of the whole
+    layer with no all-to-all and no expert parallelism.
+    """
+
+    code = "PTL113"
+    name = "reference-forward-eager"
+    message = "the reference path is compiled or communicates"
+
+    def check(self) -> None:
+        structure = self.ctx.structure
+        reference = self.profile.reference
+        # Owners whose methods on the reference path must stay eager (the router may compile).
+        eager = {c.name for c in (*structure.layer_classes, *structure.mlp_classes)}
+        for layer in structure.layer_classes:
+            func = layer.methods.get(reference)
+            if func is None:
+                continue
+            label = f"{layer.name}.{reference}"
+            compiled = compile_decorator(self.ctx.imports, func)
+            if compiled is not None:
+                self.report(
+                    compiled[0],
+                    f"'{label}' is compiled: the reference path is the eager oracle the pipelined "
+                    "stages are compared against",
+                )
+            for call in (n for n in walk(func) if isinstance(n, cst.Call)):
+                what = self._communication(call)
+                problem = f"calls {what}" if what is not None else self._reaches(layer, call, eager)
+                if problem is not None:
+                    self.report(call, f"'{label}' {problem}: the reference path must stay a single-process, eager oracle")
+
+    def _communication(self, call: cst.Call) -> str | None:
+        """What ``call`` is when it is the dispatch helper or an all-to-all."""
+        name = self.ctx.imports.resolve(call.func)
+        if name is None:
+            return None
+        if name == self.profile.dispatch_helper:
+            return f"the dispatch helper '{name.rpartition('.')[2]}'"
+        if name.rpartition(".")[2] in self.profile.all_to_all_calls:
+            return f"the all-to-all '{name}'"
+        return None
+
+    def _reaches(self, layer: ClassInfo, call: cst.Call, eager: set[str]) -> str | None:
+        for owner, func in _reached(self.ctx, layer, call):
+            if owner is not None and owner.name in eager and compile_decorator(self.ctx.imports, func) is not None:
+                return f"reaches '{_qualname(owner, func)}', which is compiled"
+            for node in walk(func):
+                what = self._communication(node) if isinstance(node, cst.Call) else None
+                if what is not None:
+                    return f"reaches '{_qualname(owner, func)}', which calls {what}"
+        return None
+
+    VALID = [
+        # Seed era: mlp.forward -> moe_infer with raw indexing; the router's compiled compute.
+        Valid(
+            """
+            import torch
+            from torch import nn
+
+            from pithtrain.operators.ep_dispatch import moe_ep_prepare_dispatch
+
+
+            class Gate(nn.Module):
+                @torch.compile(fullgraph=True)
+                def compute(self, hidden_states): ...
+
+                def forward(self, hidden_states):
+                    topk_idx, topk_weight, lb_loss = self.compute(hidden_states)
+                    return topk_idx, topk_weight
+
+
+            class MoE(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.experts = Experts(config)
+                    self.gate = Gate(config)
+
+                def forward(self, hidden_states):
+                    topk_idx, topk_weight = self.gate(hidden_states)
+                    return self.moe_infer(hidden_states, topk_idx, topk_weight)
+
+                def moe_infer(self, x, topk_ids, topk_weight):
+                    assert self.ep_size == 1
+                    outs = self.experts(x.repeat_interleave(topk_ids.shape[1], dim=0))
+                    return (outs.view(*topk_ids.shape, -1) * topk_weight.unsqueeze(-1)).sum(dim=1)
+
+
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    super().__init__()
+                    self.mlp = MoE(config)
+
+                def forward_attn(self, hidden_states):
+                    topk_idx, topk_weight = self.mlp.gate(hidden_states)
+                    return moe_ep_prepare_dispatch(hidden_states, topk_idx, 8, 1, 8, None)
+
+                def reference_forward(self, hidden_states):
+                    residual = hidden_states
+                    hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+                    return residual + hidden_states
+            """
+        ),
+        Valid(
+            """
+            import torch
+            from torch import nn
+
+
+            class Router(nn.Module):
+                @torch.compile(fullgraph=True)
+                def forward(self, hidden_states): ...
+
+
+            class MoE(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.experts = Experts(config)
+                    self.router = Router(config)
+
+                def reference_forward(self, hidden_states):
+                    topk_idx, topk_weight, lb_loss = self.router(hidden_states)
+                    return self.experts(hidden_states, topk_idx, topk_weight)
+
+
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    super().__init__()
+                    self.mlp = MoE(config)
+
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+                def reference_forward(self, hidden_states, rotary_posemb, cu_seqlens=None):
+                    return hidden_states + self.mlp.reference_forward(hidden_states)
+            """,
+            profile="v2",
+        ),
+    ]
+    INVALID = [
+        Invalid(
+            """
+            import torch
+            from torch import nn
+
+            from pithtrain.operators.ep_dispatch import moe_ep_prepare_dispatch
+
+
+            class MoE(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.experts = Experts(config)
+
+                def forward(self, hidden_states):
+                    return self.moe_infer(hidden_states, *self.gate(hidden_states))
+
+                def moe_infer(self, x, topk_ids, topk_weight):
+                    tokens, *rest = moe_ep_prepare_dispatch(x, topk_ids, 8, self.ep_size, 8, self.ep_group)
+                    return self.experts(tokens)
+
+
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    super().__init__()
+                    self.mlp = MoE(config)
+
+                def forward_attn(self, hidden_states): ...
+
+                @torch.compile(fullgraph=True)  # [PTL113]
+                def reference_forward(self, hidden_states):
+                    return hidden_states + self.mlp(hidden_states)  # [PTL113]
+            """
+        ),
+        Invalid(
+            """
+            import torch
+            import torch.distributed as dist
+            from torch import nn
+
+
+            class MoE(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.experts = Experts(config)
+
+                @torch.compile(fullgraph=True)
+                def reference_forward(self, hidden_states):
+                    return self.experts(hidden_states)
+
+
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    super().__init__()
+                    self.mlp = MoE(config)
+
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+                def reference_forward(self, hidden_states, rotary_posemb, cu_seqlens=None):
+                    gathered = torch.empty_like(hidden_states)
+                    dist.all_to_all_single(gathered, hidden_states)  # [PTL113]
+                    return gathered + self.mlp.reference_forward(gathered)  # [PTL113]
+            """,
+            profile="v2",
+        ),
+    ]
