@@ -284,11 +284,8 @@ def read_harness(pf: ProjectFile, profile: Profile) -> Harness:
         for call in walk(shard):
             if isinstance(call, cst.Call) and dotted_name(call.func) in ("getattr", "hasattr"):
                 shard_names.update(call_string_args(call)[:1])
-    model_list = []
-    for node in walk(pf.module):
-        value = string_value(node)
-        if value is not None and value.endswith(".json") and value.startswith(profile.examples_dir.rstrip("/") + "/"):
-            model_list.append((value, node))
+    examples = profile.examples_dir.rstrip("/") + "/"
+    model_list = [(value, node) for node, value in pf.strings if value.endswith(".json") and value.startswith(examples)]
     return Harness(pf, init, branches, shard, shard_names, model_type_branches(pf, pf.module), model_list, fsdp_wiring(pf, profile))
 
 
@@ -575,6 +572,11 @@ class Project:
     def is_file(self, path: str, relative: str) -> bool:
         """The linted ``path`` is the project file at ``relative``."""
         return Path(path).resolve() == self._path(relative)
+
+    def in_models_dir(self, path: str) -> bool:
+        """A file of the framework's models package: the models the wiring rules expect to be
+        wired in (a layer-defining template or scratch file elsewhere is not)."""
+        return self._path(self.profile.models_dir) in Path(path).resolve().parents
 
     def in_converter(self, path: str) -> bool:
         converter = self._path(self.profile.converter)

@@ -203,7 +203,7 @@ class RenamedCheckpointKey(Rule):
             return
         if project.in_converter(self.ctx.path):
             self._check_renames()
-        elif self.ctx.is_model_file:
+        elif project.in_models_dir(self.ctx.path):
             self._check_parameter_keys()
 
     def _check_renames(self) -> None:
@@ -396,7 +396,8 @@ class AmbiguousConverterDetection(Rule):
     """
     What it does:
     Evaluates every converter's detection predicates (``detect_hf``/``detect_dcp`` methods,
-    or ``_is_<model>`` / ``_is_<model>_dcp`` functions) against the model being linted: its
+    or ``_is_<model>`` / ``_is_<model>_dcp`` functions) against the model being linted (a
+    model file of the models package): its
     ``model_type`` (from the training module or the harness) and the attribute names its
     ``state_dict`` keys are built from. When two converters of the same direction both accept
     the model's checkpoint, the second predicate is reported in its converter file, naming
@@ -430,7 +431,7 @@ class AmbiguousConverterDetection(Rule):
     def check(self) -> None:
         project = self.ctx.project
         models = self.ctx.structure.model_classes
-        if project is None or not models:
+        if project is None or not models or not project.in_models_dir(self.ctx.path):
             return
         detectors = project.detectors(self.code)
         if len({d.converter for d in detectors}) < 2:

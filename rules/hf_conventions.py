@@ -121,7 +121,8 @@ def _exempt_literals(ctx) -> set[int]:
 class HardCodedConfigValue(Rule):
     """
     What it does:
-    Compares a model file with the example ``config.json`` files of its ``model_type``
+    Compares a model file of the models package with the example ``config.json`` files of
+    its ``model_type``
     (found through the training module or the harness). Reports a numeric or string literal
     that equals a value of the config where the code should read the config
     (``RMSNorm(hidden, eps=1e-6)``, ``self.topk_method = "greedy"``), and a config key that
@@ -162,7 +163,7 @@ class HardCodedConfigValue(Rule):
     def check(self) -> None:
         project = self.ctx.project
         models = self.ctx.structure.model_classes
-        if project is None or not models:
+        if project is None or not models or not project.in_models_dir(self.ctx.path):
             return
         module = project.module_name(self.ctx.path)
         configs: list[ExampleConfig] = []

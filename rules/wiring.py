@@ -167,7 +167,8 @@ def example_project(harness: str = HARNESS, training: str = _TRAINING, config: s
 class FillWeightsMissingBranch(Rule):
     """
     What it does:
-    For every class of a model file that creates ``nn.Parameter(torch.empty(...))`` (raw
+    For every class of a model file of the models package (the profile's models folder)
+    that creates ``nn.Parameter(torch.empty(...))`` (raw
     expert weights, a router's weight or extra parameters) and never fills it in its own
     constructor, checks that the test harness's ``fill_weights`` has an ``isinstance`` branch
     reaching that class (the class itself or one of its bases, or a ``hasattr`` test on an
@@ -216,7 +217,7 @@ class FillWeightsMissingBranch(Rule):
             empty = [p for p in raw_parameters(info, self.ctx.imports).values() if p.uninitialised]
             if empty:
                 needy.append((info, empty))
-        if project is None or not needy:
+        if project is None or not needy or not project.in_models_dir(self.ctx.path):
             return
         harness = project.harness(self.code)
         if harness is None:
@@ -357,7 +358,7 @@ class ShardExpertsGate(Rule):
         structure = self.ctx.structure
         experts = [c for c in structure.experts_classes if raw_parameters(c, self.ctx.imports)]
         project = self.ctx.project
-        if project is None or not experts:
+        if project is None or not experts or not project.in_models_dir(self.ctx.path):
             return
         harness = project.harness(self.code)
         if harness is None:
@@ -428,14 +429,16 @@ def shard_experts(model, ep_rank, ep_size):
 class FrameworkWiring(Rule):
     """
     What it does:
-    For each model class of a model file (the class that holds ``self.layers``), checks the
-    training module: ``setup_model`` imports the class and builds it in a ``model_type``
-    branch; ``apply_fsdp``'s ``isinstance`` model tuple (inline, or a module-level tuple such
+    For each model class (the class that holds ``self.layers``) of a file in the models
+    package, checks the training module: ``setup_model`` imports the class and builds it in
+    a ``model_type`` branch; ``apply_fsdp``'s ``isinstance`` model tuple (inline, or a module-level tuple such
     as ``PIPELINE_STAGE_MODELS``) lists it; and the names passed to
     ``register_fsdp_forward_method`` are exactly the profile's stage methods (v1
     ``forward_attn``/``forward_mlp``/``forward_aggregate``, v2 ``forward_stage1``/
     ``forward_stage3``/``forward_stage5``), each defined by the model's layer class. The
     harness's own copy of ``apply_fsdp`` is held to the same tuple and registrations.
+    Layer-defining files outside the models package (templates, scratch copies) are not
+    expected to be wired and are not checked.
 
     Why it matters:
     A model the training module cannot select never trains (``Unsupported model_type``);
@@ -466,7 +469,7 @@ class FrameworkWiring(Rule):
     def check(self) -> None:
         project = self.ctx.project
         models = self.ctx.structure.model_classes
-        if project is None or not models:
+        if project is None or not models or not project.in_models_dir(self.ctx.path):
             return
         training = project.training(self.code)
         if training is None:
@@ -528,6 +531,8 @@ class FrameworkWiring(Rule):
 
     VALID = [
         Valid(_MODEL, files=example_project()),
+        # A template outside the models package is nobody's model yet.
+        Valid(_MODEL.replace("ExampleModel", "TemplateModel"), files=example_project(), example_path="templates/model_skeleton.py"),
         # v2: a module-level registry tuple and the forward_stage* names.
         Valid(
             _MODEL.replace("forward_attn(self, hidden_states)", "forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None)")
@@ -602,7 +607,7 @@ def setup_model(cfg, config):
 class HarnessWiring(Rule):
     """
     What it does:
-    For each model class of a model file, checks the test harness: it has a
+    For each model class of a file in the models package, checks the test harness: it has a
     ``config.model_type`` branch that selects the class; when the model reads a per-layer
     config list (it indexes ``config.<key>[...]``, or the example config holds a list with one
     entry per layer that the model reads, such as ``layer_types``), the branch that cuts
@@ -642,7 +647,7 @@ class HarnessWiring(Rule):
     def check(self) -> None:
         project = self.ctx.project
         models = self.ctx.structure.model_classes
-        if project is None or not models:
+        if project is None or not models or not project.in_models_dir(self.ctx.path):
             return
         harness = project.harness(self.code)
         if harness is None:
