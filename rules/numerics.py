@@ -150,6 +150,8 @@ class RawIndexInStage3(Rule):
             profile="v2",
             fixed="""
             from pithtrain.operators.token_scatter import padded_index_gather
+
+
             class Layer(nn.Module):
                 def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
 

@@ -7,6 +7,7 @@ VALID: the rule reports nothing. INVALID: the rule reports exactly the lines mar
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from pithlint import registry
 from pithlint.config import Settings
 from pithlint.engine import LintRun
+from pithlint.fixes import APPLICABILITIES, fix_file
 
 RULES = registry.all_rules()
 MARKER = re.compile(r"[ \t]*#\s*\[PTL\d{3}\]")
@@ -65,3 +67,28 @@ def test_invalid_example_fires_on_marked_lines(rule, example, tmp_path):
         assert reported == expected, f"expected findings on lines {sorted(expected)}, got {sorted(reported)}"
     else:
         assert findings, "expected at least one finding"
+
+
+def _fixed_cases():
+    for rule in RULES:
+        for index, example in enumerate(rule.INVALID):
+            if example.fixed is not None:
+                yield pytest.param(rule, example, id=f"{rule.code}-fixed-{index}")
+
+
+def test_every_fixable_rule_shows_its_fix():
+    for rule in RULES:
+        if rule.fix_availability != "-":
+            assert any(e.fixed is not None for e in rule.INVALID), f"{rule.code} claims a fix but no INVALID example has fixed="
+
+
+@pytest.mark.parametrize(("rule", "example"), list(_fixed_cases()))
+def test_fix_turns_invalid_example_into_fixed(rule, example, tmp_path):
+    """What --fix (--unsafe-fixes for an unsafe rule) makes of the example, with only the
+    rule under test selected so other rules' fixes cannot change the expectation."""
+    lint_example(rule, example, tmp_path)
+    run = LintRun.create(Settings(root=tmp_path), select=[rule.code], profile=example.profile)
+    outcome = fix_file(run, tmp_path / example.example_path, APPLICABILITIES)
+    assert not outcome.dropped, outcome.dropped
+    assert outcome.fixed == MARKER.sub("", textwrap.dedent(example.fixed).lstrip("\n"))
+    assert [f for f in outcome.result.findings if f.fix is not None] == []
