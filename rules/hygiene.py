@@ -12,7 +12,8 @@ import tokenize
 import libcst as cst
 
 from pithlint.analysis.walk import walk, walk_no_nested_scopes
-from pithlint.rule import Invalid, Rule, Valid
+from pithlint.fixes import import_entries
+from pithlint.rule import Fix, Invalid, Rule, Valid
 
 _SUPPRESSION = re.compile(r"#\s*(noqa|pithlint\s*:|type:\s*ignore|fmt:)", re.I)
 
@@ -54,6 +55,13 @@ class FunctionScopeImport(Rule):
         def forward_mlp(self, gathered_tokens, expert_idxs=None, expand_idx=None):
             ...
 
+    Fix safety:
+    Safe: the import moves to the module's imports (or joins an existing
+    ``from module import ...``). It is offered only for an import directly in the function
+    body (an import under ``if``/``try`` may be optional on purpose), with no comment line
+    above it that moving would lose, and never when the name is already bound at module
+    level to something else.
+
     Where it comes from:
     PithTrain review conventions for model files (add-new-model skill, `conventions.md`).
     """
@@ -61,6 +69,7 @@ class FunctionScopeImport(Rule):
     code = "PTL901"
     name = "function-scope-import"
     message = "import inside a function"
+    fix_availability = "safe"
 
     def check(self) -> None:
         for func in self.ctx.nodes(cst.FunctionDef):
@@ -70,7 +79,22 @@ class FunctionScopeImport(Rule):
                     for small in node.body:
                         if isinstance(small, (cst.Import, cst.ImportFrom)):
                             source = self.ctx.module.code_for_node(small)
-                            self.report(small, f"'{source}' inside '{func.name.value}': move it to module level, or say why in a comment")
+                            self.report(small, f"'{source}' inside '{func.name.value}': move it to module level, or say why in a comment", self._fix(func, node, small))
+
+    def _fix(self, func: cst.FunctionDef, line: cst.SimpleStatementLine, small: cst.Import | cst.ImportFrom) -> Fix | None:
+        """Remove the import from the function and add it at module level."""
+        body = func.body.body if isinstance(func.body, cst.IndentedBlock) else ()
+        if not any(statement is line for statement in body) or any(empty.comment for empty in line.leading_lines):
+            return None
+        if isinstance(small, cst.ImportFrom) and isinstance(small.names, cst.ImportStar):
+            return None
+        if len(line.body) > 1:
+            node, replacement = small, cst.RemovalSentinel.REMOVE
+        elif len(body) > 1:
+            node, replacement = line, cst.RemovalSentinel.REMOVE
+        else:  # the function's only statement
+            node, replacement = line, cst.SimpleStatementLine([cst.Pass()])
+        return Fix(node, replacement, "safe", "move the import to module level", imports=tuple(import_entries(small, self.ctx.module)))
 
     VALID = [
         Valid(
@@ -105,14 +129,34 @@ class FunctionScopeImport(Rule):
                 def forward_mlp(self, gathered_tokens, expert_idxs=None, expand_idx=None):
                     from pithtrain.operators.token_scatter import padded_index_gather  # [PTL901]
                     return padded_index_gather(gathered_tokens, expand_idx)
-            """
+            """,
+            fixed="""
+            from pithtrain.operators.token_scatter import padded_index_gather
+
+
+            class Layer(nn.Module):
+                def forward_mlp(self, gathered_tokens, expert_idxs=None, expand_idx=None):
+                    return padded_index_gather(gathered_tokens, expand_idx)
+            """,
         ),
         Invalid(
             """
+            import torch
+            from torch import nn
+
             def build(config):
                 import math  # noqa: PLC0415  # [PTL901]
-                return math.sqrt(config.hidden_size)
-            """
+                from torch import distributed as dist  # [PTL901]
+                return math.sqrt(config.hidden_size) * dist.get_world_size()
+            """,
+            fixed="""
+            import torch
+            from torch import nn, distributed as dist
+            import math
+
+            def build(config):
+                return math.sqrt(config.hidden_size) * dist.get_world_size()
+            """,
         ),
     ]
 
