@@ -243,7 +243,8 @@ class LayerIndexAttribute(Rule):
     What it does:
     Checks that the decoder layer's ``__init__`` assigns ``self.idx``, from a constructor
     parameter (any spelling: ``layer_idx``, ``layer_id``, ``config.layer_idx``, a value
-    computed from one). A layer that derives from another model class may inherit it.
+    computed from one). A layer that derives from another model class may inherit it; a
+    stub without ``__init__`` (it builds no modules) is left alone.
 
     Why it matters:
     The engine labels each layer's profiler ranges with ``layer.idx``. Without it the first
@@ -276,12 +277,13 @@ class LayerIndexAttribute(Rule):
         attr = self.profile.layer_index_attr
         for layer in self.ctx.structure.layer_classes:
             init = layer.methods.get("__init__")
-            stores = list(_self_attribute_stores(init, attr)) if init is not None else []
+            if init is None:
+                continue  # a stub without a constructor owns no modules either
+            stores = list(_self_attribute_stores(init, attr))
             if not stores:
                 if not may_inherit(layer):
-                    where = init.name if init is not None else layer.node.name
                     self.report(
-                        where,
+                        init.name,
                         f"'{layer.name}.__init__' never assigns self.{attr}: the engine labels the "
                         "layer's profiler ranges with it; store the absolute layer id there",
                     )
