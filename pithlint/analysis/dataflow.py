@@ -58,8 +58,21 @@ def _params(params: cst.Parameters) -> list[cst.Param]:
     return found
 
 
+# Node types that bind names (checked by exact type first: isinstance on libcst's abstract
+# node classes is slow, and these run on every node of a scope).
+_BINDERS = frozenset(
+    {
+        cst.Assign, cst.AnnAssign, cst.AugAssign, cst.NamedExpr, cst.For, cst.CompFor, cst.AsName,
+        cst.Del, cst.Import, cst.ImportFrom, cst.FunctionDef, cst.ClassDef, cst.Global,
+        cst.Nonlocal, cst.MatchAs, cst.MatchStar, cst.MatchMapping,
+    }
+)
+
+
 def _binding_names(node: cst.CSTNode) -> Iterator[cst.Name]:
     """The names ``node`` itself binds in the scope it belongs to."""
+    if type(node) not in _BINDERS:
+        return
     if isinstance(node, cst.Assign):
         for target in node.targets:
             yield from _target_names(target.target)
@@ -123,16 +136,17 @@ def _non_loads(scope: cst.CSTNode) -> set[cst.Name]:
     attribute and keyword names, import and def names, annotations."""
     skipped: set[cst.Name] = set()
     for node in _scope_nodes(scope):
-        if isinstance(node, cst.Attribute):
+        kind = type(node)
+        if kind is cst.Attribute:
             skipped.add(node.attr)
-        elif isinstance(node, cst.Arg) and node.keyword is not None:
+        elif kind is cst.Arg and node.keyword is not None:
             skipped.add(node.keyword)
-        elif isinstance(node, cst.Param):
+        elif kind is cst.Param:
             skipped.add(node.name)
-        elif isinstance(node, cst.MatchKeywordElement):
+        elif kind is cst.MatchKeywordElement:
             skipped.add(node.key)
-        elif isinstance(node, (cst.Import, cst.ImportFrom, cst.Annotation)):
-            skipped.update(n for n in walk(node) if isinstance(n, cst.Name))
+        elif kind in (cst.Import, cst.ImportFrom, cst.Annotation):
+            skipped.update(n for n in walk(node) if type(n) is cst.Name)
         skipped.update(_binding_names(node))
     return skipped
 
@@ -153,10 +167,10 @@ def _collect_free(scope: cst.CSTNode, visible: frozenset[str], found: list[cst.N
     visible = visible | bound_names(scope)
     skipped = _non_loads(scope)
     for node in _scope_nodes(scope):
-        if node is not scope and isinstance(node, _SCOPES):
+        if node is not scope and type(node) in _SCOPES:
             # A class body does not enclose its methods, but nothing here looks that deep.
             _collect_free(node, visible, found)
-        elif isinstance(node, cst.Name) and node not in skipped and node.value not in visible:
+        elif type(node) is cst.Name and node not in skipped and node.value not in visible:
             found.append(node)
 
 
