@@ -645,7 +645,7 @@ class Stage1OutputOrder(Rule):
             producer = self._producer(unpacking.value)
             if producer is not None and producer[0] == "dispatch" and len(unpacking.targets) != len(outputs):
                 self.report(
-                    unpacking.statement,
+                    unpacking.value,
                     f"'{label}' unpacks {len(unpacking.targets)} names from {helper}, which returns "
                     f"{len(outputs)}: ({', '.join(outputs)})",
                 )
