@@ -413,7 +413,7 @@ class MoeBlockAttributes(Rule):
                     moe.node.name,
                     f"MoE block '{moe.name}' (the layer's mlp, it owns "
                     f"'{self.profile.moe_marker_attr}') does not define {_spellings(missing)}: "
-                    "the engine reads them from layer.mlp",
+                    "the engine reads these from layer.mlp",
                 )
 
     VALID = [
@@ -875,16 +875,18 @@ def _sum_terms(expr: cst.BaseExpression) -> list[cst.BaseExpression]:
 
 
 def _reshapes_to(node: cst.CSTNode, is_residual) -> bool:
-    """``x.view(*r.shape)`` / ``x.reshape(r.shape)`` / ``x.view_as(r)`` with ``is_residual(r)``."""
+    """``x.view(*r.shape)`` / ``x.reshape(r.size())`` / ``x.view_as(r)`` with ``is_residual(r)``."""
     if not isinstance(node, cst.Call) or not isinstance(node.func, cst.Attribute) or len(node.args) != 1:
         return False
     method, arg = node.func.attr.value, node.args[0]
     if method in ("view_as", "reshape_as"):
         return not arg.star and is_residual(arg.value)
-    if method in ("view", "reshape") and arg.star in ("", "*"):
-        target = arg.value
-        return isinstance(target, cst.Attribute) and target.attr.value == "shape" and is_residual(target.value)
-    return False
+    if method not in ("view", "reshape") or arg.star not in ("", "*"):
+        return False
+    shape = arg.value
+    if isinstance(shape, cst.Call) and not shape.args:  # r.size()
+        shape = shape.func
+    return isinstance(shape, cst.Attribute) and shape.attr.value in ("shape", "size") and is_residual(shape.value)
 
 
 class Stage5ClosesResidual(Rule):

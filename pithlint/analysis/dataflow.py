@@ -109,14 +109,14 @@ def _scope_nodes(scope: cst.CSTNode) -> Iterator[cst.CSTNode]:
     return walk_no_nested_scopes(scope)
 
 
-def bound_names(scope: cst.FunctionDef | cst.Lambda | cst.Module) -> set[str]:
+def bound_names(scope: cst.FunctionDef | cst.Lambda | cst.ClassDef | cst.Module) -> set[str]:
     """Names bound in ``scope`` itself: parameters, assignment and loop targets, ``with``/
     ``except`` names, imports, nested def/class names, ``global``/``nonlocal`` names.
     Comprehension targets count too (a slight over-approximation that never invents a
     free name)."""
-    names = {p.name.value for p in _params(scope.params)} if not isinstance(scope, cst.Module) else set()
+    names = {p.name.value for p in _params(scope.params)} if isinstance(scope, (cst.FunctionDef, cst.Lambda)) else set()
     for node in _scope_nodes(scope):
-        if node is scope and isinstance(scope, cst.FunctionDef):
+        if node is scope and isinstance(scope, (cst.FunctionDef, cst.ClassDef)):
             continue  # its own name is bound in the enclosing scope
         names.update(name.value for name in _binding_names(node))
     return names
