@@ -136,11 +136,11 @@ class DualPipeV(nn.Module):
     def _backward_inputs(self, phase: int, chunk_id: int):
         """``(loss, outputs, output_grads)`` to start a chunk's backward from.
 
-        The loss stage starts from its loss; every other stage from the gradients it
-        received for its outputs (outputs without a gradient are dropped).
+        The loss stage starts from its loss (the other two are None); every other stage
+        from the gradients it received for its outputs (outputs without one are dropped).
         """
         if self._is_loss_stage(phase):
-            return self.loss_chunks[chunk_id], [], []
+            return self.loss_chunks[chunk_id], None, None
         outputs = self.output_chunks[phase][chunk_id]
         if not self.return_outputs:
             self.output_chunks[phase][chunk_id] = None
@@ -170,7 +170,7 @@ class DualPipeV(nn.Module):
         loss, _, dy = self._backward_inputs(phase, chunk_id)
         WeightGradStore.enabled = enable_zb
         input_grads = backward_with_records(
-            self.module[phase], None if loss is not None else dy, loss, self._records[phase][chunk_id]
+            self.module[phase], dy, loss, self._records[phase][chunk_id]
         )
         WeightGradStore.enabled = False
         if loss is not None:
@@ -237,7 +237,8 @@ class DualPipeV(nn.Module):
         self.current_send_f_chunk_id[phase] += 1
         dst = self.next_pp_rank if phase == 0 else self.prev_pp_rank
         tag = comm.message_tag(chunk_id, phase, comm.FORWARD)
-        comm.append_isend(self.comm_ops, self.output_chunks[phase][chunk_id], dst, self.pp_group, tag)
+        outputs = self.output_chunks[phase][chunk_id]
+        comm.append_isend(self.comm_ops, outputs, dst, self.pp_group, tag)
         self.comm_desc.append(f"send F{phase} chunk {chunk_id} to pp{dst}")
 
     def _recv_backward(self, phase: int) -> None:

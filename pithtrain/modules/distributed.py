@@ -70,7 +70,9 @@ def init_distributed(
         f"world size {world_size} is not a multiple of pp_size * ep_size = {pp_size * ep_size}"
     )
     dp_size = world_size // (pp_size * ep_size)
-    mesh = init_device_mesh(device_type, (pp_size, dp_size, ep_size), mesh_dim_names=("pp", "dp", "ep"))
+    mesh = init_device_mesh(
+        device_type, (pp_size, dp_size, ep_size), mesh_dim_names=("pp", "dp", "ep")
+    )
     rank = dist.get_rank()
     return DistributedCtx(
         device=dev,

@@ -111,7 +111,9 @@ def setup_model(
                 if gate is not None:
                     gate.load_balance_loss_fn = make_load_balance_loss_fn(lb_type, lb_coef)
 
-    pipeline = DualPipeV(tuple(stages), pp_group=distributed.pp_group, ep_group=distributed.ep_group)
+    pipeline = DualPipeV(
+        tuple(stages), pp_group=distributed.pp_group, ep_group=distributed.ep_group
+    )
     set_p2p_tensor_shapes([(micro_batch_size, sequence_length, config.hidden_size)])
     set_p2p_tensor_dtype(dtype)
     return pipeline
