@@ -95,7 +95,8 @@ class Reporter:
 
     def result(self, record: dict) -> None:
         record["last_progress"] = self.last
-        self._write(f"rank{self.rank}.json", json.dumps(jsonable(record), indent=1, allow_nan=False) + "\n")
+        text = json.dumps(jsonable(record), indent=1, allow_nan=False)
+        self._write(f"rank{self.rank}.json", text + "\n")
 
 
 def jsonable(value):

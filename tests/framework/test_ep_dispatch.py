@@ -76,7 +76,9 @@ def test_dispatch_matches_brute_force(ep_size, experts_per_rank, k, seed):
         for g in range(ep_size):
             tokens = plan.dispatch_token_idxs[start : start + int(plan.dedup_counts[g])].tolist()
             start += len(tokens)
-            expected = [tok for tok in range(m) if any(int(e) // experts_per_rank == g for e in t[tok])]
+            expected = [
+                tok for tok in range(m) if any(int(e) // experts_per_rank == g for e in t[tok])
+            ]
             assert tokens == expected
         # The invariant of the fused kernel's test: each sorted slot's expand index points
         # at its own token inside its destination's group.

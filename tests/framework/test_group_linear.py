@@ -10,7 +10,8 @@ from pithtrain.layers.group_linear import GroupLinear, grouped_linear
 
 
 def loop_reference(x, weight, bounds):
-    return torch.cat([F.linear(x[s:e], weight[g]) for g, (s, e) in enumerate(zip(bounds, bounds[1:]))])
+    groups = enumerate(zip(bounds, bounds[1:]))
+    return torch.cat([F.linear(x[start:end], weight[g]) for g, (start, end) in groups])
 
 
 @pytest.mark.parametrize("counts", [[3, 0, 4], [0, 0, 5], [2, 2, 2], [0, 0, 0]])
