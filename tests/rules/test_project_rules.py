@@ -195,6 +195,17 @@ def test_suppression_in_the_other_file_is_honoured(tmp_path):
     assert findings == []
 
 
+def test_suppression_for_a_cross_file_finding_is_not_called_unused(tmp_path):
+    """Linting the harness alone cannot tell whether its PTL401 suppression serves a model
+    file: PTL003 leaves it alone."""
+    project = tmp_path / "project"
+    shutil.copytree(FIXTURES / "miswired", project)
+    harness = project / HARNESS
+    harness.write_text(harness.read_text().replace("def fill_weights(module):", "def fill_weights(module):  # noqa: PTL401"))
+    findings, _ = lint(project, HARNESS, select=["PTL003", "PTL401"])
+    assert findings == []
+
+
 def test_cross_file_finding_is_reported_once_per_run():
     root = FIXTURES / "miswired"
     findings, _ = lint(root, MODEL, "pithtrain/models/tiny_dense.py", select=["PTL403"])
