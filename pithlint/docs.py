@@ -41,7 +41,7 @@ def render_rule_table() -> str:
     return "\n".join(lines)
 
 
-# -- the reference page (docs/rules.md) ---------------------------------------------------
+# -- the rule reference page ---------------------------------------------------------------
 
 REGENERATE = "python -m pithlint rules --markdown > docs/rules.md"
 
@@ -55,7 +55,7 @@ def anchor(rule: type[Rule]) -> str:
 
 def rule_url(rule: type[Rule]) -> str | None:
     """Where the rule's section of the published reference page is: the package's
-    ``Rules`` project URL (the address of docs/rules.md) plus the rule's anchor; None
+    ``Rules`` project URL (the address of the checked-in reference page) plus the rule's anchor; None
     when the package declares no such URL."""
     from importlib.metadata import PackageNotFoundError, metadata
 
@@ -139,7 +139,7 @@ def _cell(text: str) -> str:
 
 
 def render_markdown_page() -> str:
-    """docs/rules.md: a table of every rule, then each rule's section."""
+    """The reference page: a table of every rule, then each rule's section."""
     rules = registry.all_rules()
     lines = [
         "# pithlint rules",

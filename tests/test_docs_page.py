@@ -1,4 +1,4 @@
-"""docs/rules.md is generated from the rules' own documentation and must match it."""
+"""The checked-in rule reference page is generated from the rules' own documentation and must match it."""
 
 from __future__ import annotations
 
