@@ -8,7 +8,7 @@ prefix, and the LM head lives on the model's last stage.
 """
 
 from dataclasses import fields
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -21,35 +21,21 @@ from pithtrain.dualpipe.modeling import decoder_layer_backward, decoder_layer_fo
 from pithtrain.dualpipe.utils import run_backward
 from pithtrain.layers.factory import get_linear_cls
 from pithtrain.layers.group_linear import grouped_linear
+# ACTIVATIONS is re-exported: the ladder's broken fixtures (tests/fixtures/ladder) build
+# experts from this module's names.
+from pithtrain.models.common import (  # noqa: F401
+    ACTIVATIONS,
+    RMSNorm,
+    activation,
+    apply_rotary_pos_emb,
+)
 from pithtrain.models.interface import ForwardAttnOutput
 from pithtrain.modules.load_balance import MoELoadBalanceLossInjector, MoELoadBalanceLossTracker
 from pithtrain.operators.ep_dispatch import moe_ep_prepare_dispatch
 from pithtrain.operators.token_scatter import padded_index_gather, scatter_for_grouped_gemm
 
-# config.hidden_act -> activation; Qwen3-MoE checkpoints use "silu".
-ACTIVATIONS = {"silu": F.silu}
-
-
-def _activation(config) -> Callable[[torch.Tensor], torch.Tensor]:
-    if config.hidden_act not in ACTIVATIONS:
-        raise NotImplementedError(f"hidden_act={config.hidden_act!r} is not implemented")
-    return ACTIVATIONS[config.hidden_act]
-
-
-class Qwen3MoeRMSNorm(nn.Module):
-    """RMS norm computed in fp32, scaled by a learned weight (as Hugging Face's)."""
-
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+class Qwen3MoeRMSNorm(RMSNorm):
+    """Hugging Face's name for the shared RMS norm."""
 
 
 class Qwen3MoeRotaryEmbedding(nn.Module):
@@ -78,21 +64,6 @@ class Qwen3MoeRotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(x.dtype).unsqueeze(0), emb.sin().to(x.dtype).unsqueeze(0)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """Rotate half the hidden dims: ``(x1, x2) -> (-x2, x1)``."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary_pos_emb(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rotate ``q`` [B, nH, S, D] and ``k`` [B, nKV, S, D] by tables ``[1, S, D]``."""
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 class Qwen3MoeAttention(nn.Module):
@@ -159,7 +130,7 @@ class Qwen3MoeMLP(nn.Module):
         self.gate_proj = linear_cls(self.hidden_size, self.intermediate_size, bias=False)
         self.up_proj = linear_cls(self.hidden_size, self.intermediate_size, bias=False)
         self.down_proj = linear_cls(self.intermediate_size, self.hidden_size, bias=False)
-        self.act_fn = _activation(config)
+        self.act_fn = activation(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
@@ -181,7 +152,7 @@ class Qwen3MoeExperts(nn.Module):
         self.down_proj = nn.Parameter(
             torch.empty(num_experts, self.hidden_size, self.intermediate_size)
         )
-        self.act_fn = _activation(config)
+        self.act_fn = activation(config)
 
     def forward(
         self,
