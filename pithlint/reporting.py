@@ -49,7 +49,8 @@ def summary_line(findings: list[Finding], files_checked: int, unsafe_fixes: bool
         fix_note = f", {safe + unsafe} fixable with --fix" + (" --unsafe-fixes" if unsafe else "")
     else:
         fix_note = f", {safe} fixable with --fix" if safe else ""
-        fix_note += f" ({unsafe} more with --fix --unsafe-fixes)" if unsafe else ""
+        if unsafe:
+            fix_note += f" ({unsafe} more with --fix --unsafe-fixes)" if safe else f", {unsafe} fixable with --fix --unsafe-fixes"
     return f"Found {len(findings)} {plural} in {files} of {files_checked} {noun}{fix_note}."
 
 

@@ -124,24 +124,35 @@ def dequant(w):
 """
 
 
+MIXED = """\
+def dequant(w):
+    import math
+    n_exp, rows, cols = w.shape
+    return w.view(n_exp, cols, rows) * math.pi
+"""
+MIXED_PATH = "pithtrain/models/dequant.py"
+
+
 def test_unsafe_fixes_need_both_flags(project):
-    path = write(project, "tools/dequant.py", VIEW_SWAP)
-    code, out, _ = run_cli("tools/dequant.py")
-    assert code == 1 and out.endswith("Found 1 finding in 1 of 1 file (1 more with --fix --unsafe-fixes).\n")
+    path = write(project, MIXED_PATH, MIXED)
+    select = ("--select", "PTL303,PTL901")
+    code, out, _ = run_cli(*select, MIXED_PATH)
+    assert code == 1 and out.endswith("Found 2 findings in 1 of 1 file, 1 fixable with --fix (1 more with --fix --unsafe-fixes).\n")
 
-    # --fix alone leaves the unsafe fix alone and reports the finding.
-    code, out, _ = run_cli("--fix", "tools/dequant.py")
-    assert code == 1 and "PTL303" in out
-    assert path.read_text(encoding="utf-8") == VIEW_SWAP
+    # --unsafe-fixes alone only counts the unsafe fix as fixable.
+    code, out, _ = run_cli(*select, "--unsafe-fixes", MIXED_PATH)
+    assert code == 1 and out.endswith("2 fixable with --fix --unsafe-fixes.\n")
+    assert path.read_text(encoding="utf-8") == MIXED
 
-    # --unsafe-fixes alone only shows it as fixable.
-    code, out, _ = run_cli("--unsafe-fixes", "tools/dequant.py")
-    assert code == 1 and out.endswith("1 fixable with --fix --unsafe-fixes.\n")
-    assert path.read_text(encoding="utf-8") == VIEW_SWAP
+    # --fix applies the safe fix only and reports the rest.
+    code, out, _ = run_cli(*select, "--fix", MIXED_PATH)
+    safe_fixed = "import math\n\n\n" + MIXED.replace("    import math\n", "")
+    assert code == 1 and out.endswith("Found 1 finding in 1 of 1 file, 1 fixable with --fix --unsafe-fixes.\n")
+    assert path.read_text(encoding="utf-8") == safe_fixed
 
-    code, _, _ = run_cli("--fix", "--unsafe-fixes", "tools/dequant.py")
+    code, _, _ = run_cli(*select, "--fix", "--unsafe-fixes", MIXED_PATH)
     assert code == 0
-    assert path.read_text(encoding="utf-8") == VIEW_SWAP.replace("w.view(n_exp, cols, rows)", "w.transpose(-2, -1).contiguous()")
+    assert path.read_text(encoding="utf-8") == safe_fixed.replace("w.view(n_exp, cols, rows)", "w.transpose(-2, -1).contiguous()")
 
 
 STAGE3 = """\
