@@ -155,7 +155,8 @@ def free_names(func: cst.FunctionDef, known: set[str]) -> list[cst.Name]:
     """The reads in ``func`` (nested functions included) of names that nothing binds: not a
     parameter or local of ``func`` or of the nested function reading it, not in ``known``
     (pass :func:`module_names`), not a builtin. Each is a NameError when its line runs.
-    The decorators and defaults of ``func`` are not read by its body and are left out."""
+    ``func`` is a module-level function or a method: the locals of a function enclosing it
+    are not known here. Its decorators and defaults are not read by its body and are left out."""
     found: list[cst.Name] = []
     header = {n for d in func.decorators for n in walk(d) if isinstance(n, cst.Name)}
     header.update(n for p in _params(func.params) if p.default is not None for n in walk(p.default) if isinstance(n, cst.Name))
