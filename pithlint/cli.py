@@ -1,7 +1,8 @@
 """The command line: ``pithlint [PATHS]...``, ``pithlint rule CODE``, ``pithlint rules``.
 
 Exit codes: 0 no findings; 1 findings; 2 usage or configuration error, a file that cannot
-be parsed, or an internal error.
+be parsed or written, or an internal error. After ``--fix`` the codes describe what is left;
+with ``--diff``, 1 means there is something to fix.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class _CheckCommand(click.Command):
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog="Also: 'pithlint rule CODE_OR_NAME' prints a rule's documentation and "
     "'pithlint rules' lists every rule ('pithlint rules --markdown' renders docs/rules.md). "
-    "To lint a folder called 'rules', write 'rules/'.",
+    "To lint a folder called 'rules', write 'rules/'. 'pithlint --run-ladder [MODEL]...' runs "
+    "models through the runtime ladder ('pithlint --run-ladder --help').",
 )
 @click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--select", multiple=True, help="Rules to enable: codes, prefixes (PTL3), names, or ALL. Replaces the configured selection.")
@@ -119,7 +121,8 @@ def check(paths, select, extend_select, ignore, profile, show_profile, output_fo
         raise UsageFailure(str(exc)) from None
 
     if not files:
-        click.echo(f"warning: no Python files found under {', '.join(paths)}", err=True)
+        excluded = " that the configured 'exclude' leaves" if force_exclude else ""
+        click.echo(f"warning: no Python files found under {', '.join(paths)}{excluded}", err=True)
     applicabilities = APPLICABILITIES if unsafe_fixes else ("safe",)
     if diff:
         sys.exit(_show_diff(run, files, applicabilities, output_file))
@@ -287,6 +290,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args and args[0] in SUBCOMMANDS:
             SUBCOMMANDS[args[0]].main(args[1:], prog_name=f"pithlint {args[0]}")
+        elif "--run-ladder" in args[: args.index("--") if "--" in args else len(args)]:
+            from pithlint.ladder.command import ladder_command  # the runtime runner
+
+            rest = [a for a in args if a != "--run-ladder"]
+            ladder_command.main(rest, prog_name="pithlint --run-ladder")
         else:
             check.main(args, prog_name="pithlint")
     except Exception as exc:  # never a bare traceback: say what broke, exit 2

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import libcst as cst
 
-from pithlint.deep_stack import call_with_deep_stack
+from pithlint.deep_stack import call_with_deep_stack, excessive_nesting
 from pithlint.engine import FileResult, LintRun
 from pithlint.rule import Finding, Fix
 
@@ -67,10 +67,10 @@ def fix_file(run: LintRun, path: Path, applicabilities: Iterable[str] = ()) -> F
     rejected: set[tuple] = set()  # fixes dropped in an earlier round are not tried again
     seen = {result.source}
     for round_number in range(MAX_ROUNDS + 1):
-        try:
-            outcome.module = call_with_deep_stack(cst.parse_module, outcome.fixed)
-        except (cst.ParserSyntaxError, RecursionError):
-            outcome.module = None  # the engine reports why (PTL001)
+        outcome.module = None  # when it cannot be parsed (or is refused), the engine says why
+        if excessive_nesting(outcome.fixed) is None:
+            with contextlib.suppress(cst.ParserSyntaxError, RecursionError):
+                outcome.module = call_with_deep_stack(cst.parse_module, outcome.fixed)
         result.findings = run.lint_source(outcome.fixed, result.path, outcome.module)
         pending = [
             f for f in result.findings
