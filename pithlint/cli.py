@@ -185,7 +185,7 @@ def _fix_all(run: LintRun, files: list[Path], applicabilities) -> list[FixOutcom
         for finding, reason in outcome.dropped:
             click.echo(f"{finding.path}:{finding.line}:{finding.column}: {finding.code} fix dropped: {reason}", err=True)
         if outcome.unsettled:
-            click.echo(f"{outcome.result.path}: fixes still pending after {MAX_ROUNDS} rounds; run --fix again and report it", err=True)
+            click.echo(f"{outcome.result.path}: the fixes did not settle in {MAX_ROUNDS} rounds (or undo each other); please report it", err=True)
         outcomes.append(outcome)
     return outcomes
 

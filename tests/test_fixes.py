@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import stat
-import sys
 from pathlib import Path
 
 import libcst as cst
@@ -211,15 +209,43 @@ class BreaksSyntax(Rule):
                 self.report(node, "test finding", Fix(node.value, cst.Name("if"), "safe", "break it"))
 
 
-def test_a_fix_that_does_not_parse_is_dropped_and_reported(project, monkeypatch):
+class Flips(Rule):
+    """A test-only rule whose fixes never settle: 1 becomes 2, and 2 becomes 1."""
+
+    code = "PTL998"
+    name = "test-flips"
+    message = "test"
+    fix_availability = "safe"
+    model_files_only = False
+
+    def check(self) -> None:
+        for node in self.ctx.nodes(cst.Integer):
+            flipped = {"1": "2", "2": "1"}.get(node.value)
+            if flipped is not None:
+                self.report(node, "test finding", Fix(node, cst.Integer(flipped), "safe", "flip"))
+
+
+def add_test_rule(monkeypatch, rule) -> None:
     create = LintRun.create.__func__
 
     def with_test_rule(cls, *args, **kwargs):
         run = create(cls, *args, **kwargs)
-        run.rules = [*run.rules, BreaksSyntax]
+        run.rules = [*run.rules, rule]
         return run
 
     monkeypatch.setattr(LintRun, "create", classmethod(with_test_rule))
+
+
+def test_fixes_that_never_settle_stop_and_are_reported(project, monkeypatch):
+    add_test_rule(monkeypatch, Flips)
+    path = write(project, "tools/flip.py", "x = 1\n")
+    code, _, err = run_cli("--fix", "tools/flip.py")
+    assert "tools/flip.py: the fixes did not settle" in err
+    assert code == 1 and path.read_text(encoding="utf-8") in ("x = 1\n", "x = 2\n")
+
+
+def test_a_fix_that_does_not_parse_is_dropped_and_reported(project, monkeypatch):
+    add_test_rule(monkeypatch, BreaksSyntax)
     source = VIEW_SWAP + "x = 1\n"
     path = write(project, "tools/dequant.py", source)
     code, out, err = run_cli("--fix", "--unsafe-fixes", "tools/dequant.py")
@@ -313,15 +339,14 @@ def test_add_noqa_refuses_to_combine_with_fix(project):
     assert code == 2 and "cannot be combined" in err
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
-def test_fix_in_a_read_only_folder_fails_cleanly(project):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: a read-only folder does not stop root")
+def test_a_failed_write_leaves_the_file_and_no_temporary(project, monkeypatch):
     path = write(project, "tools/dequant.py", VIEW_SWAP)
-    path.parent.chmod(0o555)
-    try:
-        code, _, err = run_cli("--fix", "--unsafe-fixes", "tools/dequant.py")
-    finally:
-        path.parent.chmod(0o755)
-    assert code == 2 and "cannot write the fixes" in err
+
+    def refuse(source, target):
+        raise PermissionError(13, "Permission denied", str(target))
+
+    monkeypatch.setattr("pithlint.fixes.os.replace", refuse)
+    code, _, err = run_cli("--fix", "--unsafe-fixes", "tools/dequant.py")
+    assert code == 2 and "tools/dequant.py: cannot write the fixes" in err
     assert path.read_text(encoding="utf-8") == VIEW_SWAP
+    assert [p.name for p in path.parent.iterdir()] == ["dequant.py"]
