@@ -1,0 +1,171 @@
+"""Tier 3 of the ladder (PTR010), run by the runner as its own process: in one process,
+``reference_forward`` and the 5-stage path of the same model, with the same weights and the
+same micro-batches, must agree on every micro-batch loss and on the logits, and the 5-stage
+gradients must be finite.
+
+This module imports torch; the runner never imports it, it launches it::
+
+    python -m pithlint.ladder.reference_check --harness tests/test_fsdp.py \\
+        --model examples/pretrain_language_model/qwen3_moe/tiny.json --result-dir DIR
+
+The model class, the weight initialisation, the loss and the data recipe are the harness's
+own (``load_model_class``, ``fill_weights``, ``criterion``, ``record_dtype``, ``SEED``,
+``LABEL_SCALE``, the ``Reporter``), imported from the harness file, so tier 3 runs exactly
+the model that tier 4 runs. It writes ``DIR/rank0.progress`` and ``DIR/rank0.json`` like a
+harness rank (format: ``pithlint/ladder/diagnosis.py``), with ``status``, ``losses``,
+``ref_losses``, ``loss_ok``, ``error``/``traceback`` as there, plus:
+
+``logits_diff``, ``logits_ok``  ``calc_diff`` of the two paths' logits and whether it is
+                                below ``eps``
+``nonfinite``                   ``{name, ours_absmax, ref_absmax}`` for every parameter whose
+                                5-stage gradient is not finite
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+# Same thresholds as the rungs (ladder.md): loss allclose(rtol=atol=1e-3), calc_diff < 1e-2.
+LOSS_TOL = 1e-3
+EPS = 1e-2
+
+
+def load_harness(path: Path):
+    """The harness file as a module (its ``__main__`` block does not run)."""
+    spec = importlib.util.spec_from_file_location("ladder_harness", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(args, harness, reporter, record: dict) -> None:
+    # The harness put the framework's checkout on sys.path.
+    from pithtrain.debug import fill_uninitialized, poison_enabled
+    from pithtrain.dualpipe.execution import create_intermediate_tensors
+    from pithtrain.dualpipe.overlap import backward_with_records, forward_with_records
+    from pithtrain.layers.factory import ModelImplMode
+    from transformers import AutoConfig
+
+    device = torch.device(args.device)
+    dtype = harness.record_dtype(args, device)
+    record["dtype"] = str(dtype).removeprefix("torch.")
+    config = AutoConfig.from_pretrained(Path(args.model).resolve())
+    model_cls = harness.load_model_class(config, args.model_file)
+    record["model_type"] = config.model_type
+
+    reporter.progress("build model")
+    unset = float("nan") if poison_enabled() else 0.0
+    with torch.device(device), fill_uninitialized(unset):
+        model = model_cls(config, num_stages=1, stage_id=0)
+    model.to(dtype)
+    model.apply(harness.fill_weights)
+
+    torch.manual_seed(harness.SEED)
+    chunks, mbs, seq_len = args.num_chunks, args.micro_batch_size, args.seq_len
+    xs = torch.randint(0, config.vocab_size, (chunks * mbs, seq_len), device=device).chunk(chunks)
+    labels = (
+        harness.LABEL_SCALE
+        * torch.randn(chunks * mbs, seq_len, config.vocab_size, dtype=dtype, device=device)
+    ).chunk(chunks)
+
+    ref_losses, ref_logits = [], []
+    ModelImplMode.use_reference_fwd = True
+    for i, (x, label) in enumerate(zip(xs, labels)):
+        reporter.progress(f"reference forward: micro-batch {i + 1}/{chunks}")
+        logits = model(x)
+        loss = harness.criterion(logits, label)
+        loss.backward()
+        ref_losses.append(loss.detach())
+        ref_logits.append(logits.detach())
+    ModelImplMode.use_reference_fwd = False
+    ref_grads = {n: p.grad for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    losses, stage_logits = [], []
+    for i, (x, label) in enumerate(zip(xs, labels)):
+        reporter.progress(f"5-stage forward and backward: micro-batch {i + 1}/{chunks}")
+        records = create_intermediate_tensors(len(model.layers), True, True)
+        (logits,) = forward_with_records(model, [x], records)
+        loss = harness.criterion(logits, label)
+        stage_logits.append(logits.detach())
+        backward_with_records(model, None, loss, records)
+        losses.append(loss.detach())
+
+    reporter.progress("compare")
+    ours, ref = torch.stack(losses), torch.stack(ref_losses)
+    record["losses"], record["ref_losses"] = ours.tolist(), ref.tolist()
+    record["loss_ok"] = torch.allclose(ours, ref, rtol=LOSS_TOL, atol=LOSS_TOL)
+    logits_diff = harness.calc_diff(torch.cat(stage_logits), torch.cat(ref_logits))
+    record["logits_diff"] = logits_diff
+    record["logits_ok"] = logits_diff < EPS
+    record["eps"] = EPS
+    nonfinite = []
+    for name, param in model.named_parameters():
+        if param.grad is not None and not torch.isfinite(param.grad).all():
+            ref_grad = ref_grads[name]
+            nonfinite.append(
+                {
+                    "name": name,
+                    "ours_absmax": param.grad.abs().max().item(),
+                    "ref_absmax": None if ref_grad is None else ref_grad.abs().max().item(),
+                }
+            )
+    record["nonfinite"] = nonfinite
+    passed = record["loss_ok"] and record["logits_ok"] and not nonfinite
+    record["status"] = "passed" if passed else "failed"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--harness", required=True, type=Path)
+    parser.add_argument("--model", required=True, help="config path")
+    parser.add_argument("--model-file", default=None, help="take the model class from here")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    parser.add_argument("--num-chunks", type=int, default=2)
+    parser.add_argument("--micro-batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument("--result-dir", required=True)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    harness = load_harness(args.harness.resolve())
+    from pithtrain.debug import poison_enabled  # on sys.path once the harness is loaded
+
+    reporter = harness.Reporter(args.result_dir, 0)
+    record = {
+        "version": 1,
+        "rank": 0,
+        "world_size": 1,
+        "model": args.model,
+        "model_file": args.model_file,
+        "device": args.device,
+        "poison": poison_enabled(),
+        "status": "error",
+        "times": {},
+    }
+    try:
+        run(args, harness, reporter, record)
+    except Exception as exc:
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc()
+        traceback.print_exc()
+    record["times"]["total_s"] = time.perf_counter() - started
+    if record["status"] != "error":
+        reporter.progress("done")
+    reporter.result(record)
+    return 0 if record["status"] == "passed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
