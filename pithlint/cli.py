@@ -236,6 +236,9 @@ def _add_noqa(run: LintRun, files: list[Path], reason: str) -> bool:
         by_path.setdefault(finding.path, []).append(finding)
     suppressed, written, failed = 0, 0, False
     for path, found in by_path.items():
+        if Path(path).suffix != ".py":  # a config file cannot carry a Python comment
+            click.echo(f"{path}: {len(found)} finding(s) not suppressed: not a Python file; use per-file-ignores in [tool.pithlint]", err=True)
+            continue
         result = run.read_file(Path(path))
         if result.source is None:
             continue
