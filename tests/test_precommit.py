@@ -1,10 +1,11 @@
 """The hooks of .pre-commit-hooks.yaml, run by a real ``pre-commit try-repo`` against a
 throwaway git repository, as another project would use them.
 
-Each try-repo call installs pithlint from this checkout into a new environment with pip
-(libcst and click come from the package index): 7-10 s per call on an idle machine, four
-calls in all. The tests skip when pre-commit or git is missing, or when this checkout is
-not a git repository (try-repo needs one).
+try-repo runs on a committed snapshot of this working tree (tracked and untracked files
+that git does not ignore): its own copy of uncommitted changes leaves untracked files out.
+Each call installs pithlint into a new environment with pip (libcst and click come from
+the package index): 7-10 s per call on an idle machine, four calls in all. The tests skip
+when pre-commit or git is missing, or when this checkout is not a git repository.
 """
 
 from __future__ import annotations
@@ -81,11 +82,29 @@ def make_repo(root: Path, files: dict[str, str]) -> Path:
     return root
 
 
-def try_repo(repo: Path, home: Path, hook: str, *args: str) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory):
+    """This working tree, committed in a repository of its own."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, check=True, capture_output=True
+    ).stdout.decode()
+    root = tmp_path_factory.mktemp("pithlint-snapshot")
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if source.is_file():  # --cached lists files deleted but not yet staged
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "snapshot")
+    return root
+
+
+def try_repo(repo: Path, hooks_repo: Path, home: Path, hook: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PRE_COMMIT_HOME": str(home)}
     env.pop("PRE_COMMIT", None)  # not running inside a pre-commit hook here
     return subprocess.run(
-        [*PRE_COMMIT, "try-repo", str(REPO), hook, *args],
+        [*PRE_COMMIT, "try-repo", str(hooks_repo), hook, *args],
         cwd=repo,
         env=env,
         capture_output=True,
@@ -94,7 +113,7 @@ def try_repo(repo: Path, home: Path, hook: str, *args: str) -> subprocess.Comple
     )
 
 
-def test_lint_hook_fails_on_a_buggy_model_and_passes_a_clean_one(tmp_path, pre_commit_home):
+def test_lint_hook_fails_on_a_buggy_model_and_passes_a_clean_one(tmp_path, snapshot, pre_commit_home):
     repo = make_repo(
         tmp_path / "repo",
         {
@@ -103,12 +122,12 @@ def test_lint_hook_fails_on_a_buggy_model_and_passes_a_clean_one(tmp_path, pre_c
             "vendored/copy.py": BUGGY,  # excluded by the project's config
         },
     )
-    result = try_repo(repo, pre_commit_home, "pithlint", "--all-files")
+    result = try_repo(repo, snapshot, pre_commit_home, "pithlint", "--all-files")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "pithtrain/models/buggy.py:3:12: PTL303 [view-reorders-axes]" in result.stdout
     assert "vendored/copy.py" not in result.stdout  # --force-exclude applied the config
 
-    result = try_repo(repo, pre_commit_home, "pithlint", "--files", "pithtrain/models/clean.py")
+    result = try_repo(repo, snapshot, pre_commit_home, "pithlint", "--files", "pithtrain/models/clean.py")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Passed" in result.stdout
 
@@ -120,13 +139,13 @@ def test_lint_hook_fails_on_a_buggy_model_and_passes_a_clean_one(tmp_path, pre_c
     assert "that the configured 'exclude' leaves" in result.stderr
 
 
-def test_fix_hook_fixes_the_file_and_then_passes(tmp_path, pre_commit_home):
+def test_fix_hook_fixes_the_file_and_then_passes(tmp_path, snapshot, pre_commit_home):
     repo = make_repo(tmp_path / "repo", {"pithtrain/models/build.py": FIXABLE})
-    result = try_repo(repo, pre_commit_home, "pithlint-fix", "--all-files")
+    result = try_repo(repo, snapshot, pre_commit_home, "pithlint-fix", "--all-files")
     # pre-commit fails a hook that modified files, so that the fix gets reviewed.
     assert result.returncode == 1, result.stdout + result.stderr
     assert "files were modified by this hook" in result.stdout
     fixed = (repo / "pithtrain/models/build.py").read_text(encoding="utf-8")
     assert fixed == FIXABLE.replace("import torch\n", "import torch\nfrom torch import nn\n").replace("    from torch import nn\n", "")
-    result = try_repo(repo, pre_commit_home, "pithlint-fix", "--all-files")
+    result = try_repo(repo, snapshot, pre_commit_home, "pithlint-fix", "--all-files")
     assert result.returncode == 0, result.stdout + result.stderr
