@@ -51,7 +51,10 @@ def summary_line(findings: list[Finding], files_checked: int, unsafe_fixes: bool
         fix_note = f", {safe} fixable with --fix" if safe else ""
         if unsafe:
             fix_note += f" ({unsafe} more with --fix --unsafe-fixes)" if safe else f", {unsafe} fixable with --fix --unsafe-fixes"
-    return f"Found {len(findings)} {plural} in {files} of {files_checked} {noun}{fix_note}."
+    # Cross-file rules can report in files that were not named (the harness, say), so the
+    # count of files with findings is not a fraction of the files checked.
+    where = f"in {files} {'file' if files == 1 else 'files'} ({files_checked} {noun} checked)"
+    return f"Found {len(findings)} {plural} {where}{fix_note}."
 
 
 def format_json(findings: list[Finding], edits: dict[int, list[dict] | None] | None = None) -> str:

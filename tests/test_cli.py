@@ -72,7 +72,7 @@ def test_text_output_format_and_exit_one(project, capsys):
     assert code == 1
     first = out.splitlines()[0]
     assert first.startswith("models/layer.py:8:16: PTL302 [raw-index-in-stage3] ")
-    assert out.splitlines()[-1].startswith("Found 1 finding in 1 of 1 file")
+    assert out.splitlines()[-1].startswith("Found 1 finding in 1 file (1 file checked)")
 
 
 def test_json_output_has_exactly_the_documented_keys(project, capsys):

@@ -135,7 +135,7 @@ def test_unsafe_fixes_need_both_flags(project):
     path = write(project, MIXED_PATH, MIXED)
     select = ("--select", "PTL303,PTL901")
     code, out, _ = run_cli(*select, MIXED_PATH)
-    assert code == 1 and out.endswith("Found 2 findings in 1 of 1 file, 1 fixable with --fix (1 more with --fix --unsafe-fixes).\n")
+    assert code == 1 and out.endswith("Found 2 findings in 1 file (1 file checked), 1 fixable with --fix (1 more with --fix --unsafe-fixes).\n")
 
     # --unsafe-fixes alone only counts the unsafe fix as fixable.
     code, out, _ = run_cli(*select, "--unsafe-fixes", MIXED_PATH)
@@ -145,7 +145,7 @@ def test_unsafe_fixes_need_both_flags(project):
     # --fix applies the safe fix only and reports the rest.
     code, out, _ = run_cli(*select, "--fix", MIXED_PATH)
     safe_fixed = "import math\n\n\n" + MIXED.replace("    import math\n", "")
-    assert code == 1 and out.endswith("Found 1 finding in 1 of 1 file, 1 fixable with --fix --unsafe-fixes.\n")
+    assert code == 1 and out.endswith("Found 1 finding in 1 file (1 file checked), 1 fixable with --fix --unsafe-fixes.\n")
     assert path.read_text(encoding="utf-8") == safe_fixed
 
     code, _, _ = run_cli(*select, "--fix", "--unsafe-fixes", MIXED_PATH)
