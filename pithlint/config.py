@@ -106,6 +106,10 @@ def apply_table(settings: Settings, table: dict, origin: str) -> None:
         if key in EXTRA_TABLES:
             if not isinstance(value, dict):
                 raise ConfigError(f"{origin}: [tool.pithlint.{key}] must be a table")
+            if key == "allowlist":
+                from pithlint.hf import parse_allowlist  # the Hugging Face rules own the table
+
+                parse_allowlist(value, origin)
             settings.extra_tables[key] = value
             continue
         expected = _KEYS.get(key)

@@ -166,7 +166,7 @@ class LintRun:
         """The cross-file index of the project ``path`` belongs to: the configured root when
         the file is under it, else the file's own nearest root. None when no enabled rule
         needs one."""
-        if not any(r.scope == "project" for r in self.rules):
+        if not any(r.scope in ("project", "hf", "file+hf") for r in self.rules):
             return None
         resolved = Path(path).resolve()
         root = self.settings.root.resolve() if self.settings.root is not None else None
@@ -178,7 +178,7 @@ class LintRun:
                 self.notices.append(notice)
             return None
         if root not in self._projects:
-            self._projects[root] = Project(root, self.profile, self.notices)
+            self._projects[root] = Project(root, self.profile, self.notices, self.settings)
         return self._projects[root]
 
     def _position(self, ctx: FileContext) -> list[Finding]:

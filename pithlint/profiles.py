@@ -142,6 +142,10 @@ class Profile:
     all_to_all_calls: tuple[str, ...]
     # 13. allowlists
     hf_class_allowlist: tuple[str, ...]
+    # Attribute names ("Class.attr" or "attr") and example-config keys ("key", "block.key")
+    # that deliberately differ from HF's (fnmatch patterns; PTL154/PTL502, PTL505).
+    hf_attribute_allowlist: tuple[str, ...]
+    hf_config_key_allowlist: tuple[str, ...]
     # 14. grammar: libcst's native parser handles 3.10+ syntax for both eras
 
 
@@ -308,6 +312,8 @@ V1 = Profile(
     stage5_moe_outs="moe_outs",
     all_to_all_calls=("all_to_all", "all_to_all_single", "all_to_all_single_autograd", "direct_all_to_all"),
     hf_class_allowlist=("DeepseekV2Lite*", "Qwen3MoeMoE", "Qwen3MoeGate", "Qwen3MoeExperts"),
+    hf_attribute_allowlist=(),
+    hf_config_key_allowlist=(),
 )
 
 V2 = dataclasses.replace(
@@ -378,6 +384,9 @@ V2 = dataclasses.replace(
         "Qwen35Moe*",
         "GptOssMoE",
     ),
+    # setup_model sets max_position_embeddings to the training length since c3a8cac, so the
+    # example configs leave it out.
+    hf_config_key_allowlist=("max_position_embeddings",),
 )
 
 PROFILES = {"v1": V1, "v2": V2}

@@ -25,6 +25,8 @@ from libcst.metadata import MetadataWrapper, PositionProvider
 from pithlint.analysis.names import ImportTable, dotted_name
 from pithlint.analysis.structure import ClassInfo, ModuleStructure, functions_called_from
 from pithlint.analysis.walk import walk, walk_no_nested_scopes
+from pithlint.config import Settings
+from pithlint.hf import Allowlist, HFIndex, cache_dirs
 from pithlint.profiles import PROJECT_PATH_FIELDS, Profile
 
 
@@ -507,10 +509,11 @@ def owned_names(structure: ModuleStructure) -> set[str]:
 class Project:
     """The files around the model files of one project, read on demand."""
 
-    def __init__(self, root: Path, profile: Profile, notices: list[str]) -> None:
+    def __init__(self, root: Path, profile: Profile, notices: list[str], settings: Settings | None = None) -> None:
         self.root = root.resolve()
         self.profile = profile
         self._notices = notices
+        self.settings = settings or Settings(root=self.root)
         self._files: dict[Path, ProjectFile | None] = {}
 
     def notice(self, message: str) -> None:
@@ -656,6 +659,16 @@ class Project:
             if isinstance(data, dict):
                 configs.append(ExampleConfig(relative, data))
         return configs
+
+    @cached_property
+    def hf(self) -> HFIndex:
+        """Hugging Face's model sources (pithlint/hf.py), read once per run."""
+        return HFIndex(cache_dirs(self.root, self.settings.cache_dir), self.notice)
+
+    @cached_property
+    def allowlist(self) -> Allowlist:
+        """Deliberate deviations from HF: ``[tool.pithlint.allowlist]`` plus the profile's."""
+        return Allowlist.build(self.settings.extra_tables.get("allowlist", {}), self.profile)
 
     def configs_for(self, model_type: str) -> list[ExampleConfig]:
         return [c for c in self.example_configs if c.model_type == model_type]

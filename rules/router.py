@@ -10,7 +10,9 @@ from pithlint.analysis.names import dotted_name
 from pithlint.analysis.structure import ClassInfo, constructed_classes, may_inherit, reachable_functions
 from pithlint.analysis.walk import walk, walk_no_nested_scopes
 from pithlint.context import FileContext
+from pithlint.hf import allowlist_hint, conformance, router_attribute
 from pithlint.rule import Invalid, Rule, Valid
+from pithlint.rules.hf_conventions import QWEN3_MOE_EXAMPLE, QWEN3_MOE_PATH
 from pithlint.rules.torch_compile import PARAMETER_CONSTRUCTORS, hot_regions
 
 
@@ -794,9 +796,12 @@ class RouterAttributeName(Rule):
     ``experts``) stores its router under one of the names the framework looks up:
     ``gate`` or ``router``. A block that stores a router class (one with a
     ``load_balance_loss_fn`` hook) under another name is reported at that assignment; a
-    block with no router attribute at all is reported on the class. (The catalogue also asks
-    for the same name as Hugging Face's block for the ``model_type``; that comparison needs
-    the installed ``transformers`` and is not checked yet.)
+    block with no router attribute at all is reported on the class. With ``transformers``
+    installed, a model file of the models package must also use the name Hugging Face's
+    block uses for its ``model_type`` (``router`` for gpt-oss, ``gate`` for qwen3_moe and
+    deepseek_v2; the block and its router are matched by structure, as PTL501 does). A
+    deliberate deviation goes in ``attribute-names`` of ``[tool.pithlint.allowlist]``
+    (``"GptOssMLP.gate"``).
 
     Why it matters:
     The trainer finds the router as ``getattr(mlp, "gate", None) or getattr(mlp, "router",
@@ -833,13 +838,15 @@ class RouterAttributeName(Rule):
 
     def check(self) -> None:
         for moe in self.ctx.structure.moe_classes:
-            self._check_framework_lookup(moe)
+            if self._check_framework_lookup(moe):
+                self._check_hf_name(moe)
 
-    def _check_framework_lookup(self, moe: ClassInfo) -> None:
-        """The block stores its router under a name the framework looks up."""
+    def _check_framework_lookup(self, moe: ClassInfo) -> bool:
+        """The block stores its router under a name the framework looks up (True), else a
+        finding (False)."""
         names = self.profile.router_attr_names
         if any(moe.defines(n) for n in names):
-            return
+            return True
         expected = " or ".join(names)
         classes = self.ctx.structure.classes
         for attr, values in moe.self_assignments.items():
@@ -847,11 +854,34 @@ class RouterAttributeName(Rule):
                 routers = [n for n in constructed_classes(value) if n in classes and classes[n].defines(self.profile.lb_loss_fn_attr)]
                 if routers:
                     self.report(value, f"MoE block '{moe.name}' stores its router '{routers[0]}' as self.{attr}; the framework looks it up as {expected}")
-                    return
+                    return False
         if not may_inherit(moe):  # a base class may store it
             self.report(moe.node.name, f"MoE block '{moe.name}' has no router attribute named {expected}: the framework looks up exactly these names")
+        return False
+
+    def _check_hf_name(self, moe: ClassInfo) -> None:
+        """The block stores its router under the name HF's block for the model_type uses."""
+        conf = conformance(self.ctx)
+        pair = next((p for p in conf.pair_of("MoE block") if p.ours == moe.name), None) if conf is not None else None
+        if pair is None:
+            return
+        ours = router_attribute(conf.ours[moe.name], conf.ours)
+        theirs = router_attribute(conf.hf.classes[pair.theirs], conf.hf.classes)
+        # HF's name counts only where the framework can look it up too.
+        if None in (ours, theirs) or ours == theirs or theirs not in self.profile.router_attr_names:
+            return
+        if conf.allowlist.attribute_allowed(moe.name, ours):
+            return
+        self.report(
+            moe.self_assignments[ours][0],
+            f"MoE block '{moe.name}' stores its router as self.{ours}; HF's '{pair.theirs}' ({conf.model_type}, transformers "
+            f"{conf.hf.version}) stores it as self.{theirs}, so every checkpoint key differs: name it {theirs} "
+            f'({allowlist_hint("attribute-names", f"{moe.name}.{ours}")})',
+        )
 
     VALID = [
+        # The name Hugging Face's qwen3_moe block uses, `gate`.
+        Valid(QWEN3_MOE_EXAMPLE, example_path=QWEN3_MOE_PATH),
         Valid(
             """
             class TopKRouter(nn.Module):
@@ -893,6 +923,11 @@ class RouterAttributeName(Rule):
         ),
     ]
     INVALID = [
+        # qwen3_moe's block stores its router as `gate` in Hugging Face's implementation.
+        Invalid(
+            QWEN3_MOE_EXAMPLE.replace("self.gate = Qwen3MoeGate(config)", "self.router = Qwen3MoeGate(config)  # [PTL154]"),
+            example_path=QWEN3_MOE_PATH,
+        ),
         Invalid(
             """
             class TopKRouter(nn.Module):
