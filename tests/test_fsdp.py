@@ -52,6 +52,12 @@ from pithtrain.dualpipe import DualPipeV, set_p2p_tensor_dtype, set_p2p_tensor_s
 from pithtrain.dualpipe.layer_partition import layer_partition  # noqa: E402
 from pithtrain.layers.factory import ModelImplMode  # noqa: E402
 from pithtrain.layers.group_linear import GroupLinear  # noqa: E402
+from pithtrain.models.deepseek_v2 import (  # noqa: E402
+    DeepseekV2Experts,
+    DeepseekV2Model,
+    DeepseekV2TopkRouter,
+)
+from pithtrain.models.gpt_oss import GptOssExperts, GptOssModel, GptOssTopKRouter  # noqa: E402
 from pithtrain.models.qwen3_moe import Qwen3MoeExperts, Qwen3MoeGate, Qwen3MoeModel  # noqa: E402
 from pithtrain.modules.distributed import init_distributed, resolve_device_type  # noqa: E402
 from pithtrain.modules.training import apply_fsdp  # noqa: E402
@@ -60,6 +66,10 @@ from pithtrain.modules.training import apply_fsdp  # noqa: E402
 MODELS = [
     "examples/pretrain_language_model/qwen3_moe/config.json",
     "examples/pretrain_language_model/qwen3_moe/tiny.json",
+    "examples/pretrain_language_model/gpt_oss/config.json",
+    "examples/pretrain_language_model/gpt_oss/tiny.json",
+    "examples/pretrain_language_model/deepseek_v2/config.json",
+    "examples/pretrain_language_model/deepseek_v2/tiny.json",
 ]
 SEED = 1234
 MAX_LAYERS = 8
@@ -123,6 +133,14 @@ def load_model_class(config, model_file):
     if config.model_type == "qwen3_moe":
         model_cls = Qwen3MoeModel
         config.num_hidden_layers = min(config.num_hidden_layers, MAX_LAYERS)
+    elif config.model_type == "gpt_oss":
+        model_cls = GptOssModel
+        config.num_hidden_layers = min(config.num_hidden_layers, MAX_LAYERS)
+        # One attention type per layer, indexed by layer id: cut it with the layers.
+        config.layer_types = config.layer_types[: config.num_hidden_layers]
+    elif config.model_type == "deepseek_v2":
+        model_cls = DeepseekV2Model
+        config.num_hidden_layers = min(config.num_hidden_layers, MAX_LAYERS)
     else:
         raise ValueError(f"unsupported model_type {config.model_type!r}")
     if model_file is not None:
@@ -141,11 +159,12 @@ def fill_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, GroupLinear):
         nn.init.xavier_uniform_(module.weight, gain=1.0)
-    elif isinstance(module, Qwen3MoeExperts):
-        # Raw-Parameter experts: no generic branch reaches them.
+    elif isinstance(module, (Qwen3MoeExperts, GptOssExperts, DeepseekV2Experts)):
+        # Raw-Parameter experts: no generic branch reaches them (gpt-oss's expert biases are
+        # built as zeros, like nn.Linear biases here).
         nn.init.xavier_uniform_(module.gate_up_proj, gain=1.0)
         nn.init.xavier_uniform_(module.down_proj, gain=1.0)
-    elif isinstance(module, Qwen3MoeGate):
+    elif isinstance(module, (Qwen3MoeGate, GptOssTopKRouter, DeepseekV2TopkRouter)):
         nn.init.xavier_uniform_(module.weight, gain=1.0)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)

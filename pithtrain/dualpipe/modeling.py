@@ -171,7 +171,8 @@ def decoder_layer_forward(
     stage3.args = Stage3Args(gathered)
     moe_outs = layer.forward_mlp(gathered, out.expert_idxs, out.expand_idx)
     stage3.outs = Stage3Outs(moe_outs)
-    if is_moe:
+    if is_moe and torch.is_grad_enabled():
+        # Without autograd (forward-only steps, inference) there is no graph to check.
         check_stage3_graph(layer, gathered, moe_outs)
     if dispatched:
         _release(gathered)

@@ -37,9 +37,6 @@ from pithtrain.modules.load_balance import MoELoadBalanceLossInjector, MoELoadBa
 from pithtrain.operators.ep_dispatch import moe_ep_prepare_dispatch
 from pithtrain.operators.token_scatter import padded_index_gather, scatter_for_grouped_gemm
 
-TOPK_METHODS = ("greedy", "group_limited_greedy")
-
-
 class DeepseekV2RMSNorm(RMSNorm):
     """Hugging Face's name for the shared RMS norm."""
 
@@ -233,7 +230,7 @@ class DeepseekV2TopkRouter(nn.Module):
         self.num_experts = config.n_routed_experts
         self.top_k = config.num_experts_per_tok
         self.topk_method = config.topk_method
-        if self.topk_method not in TOPK_METHODS:
+        if self.topk_method not in ("greedy", "group_limited_greedy"):
             raise NotImplementedError(f"topk_method={self.topk_method!r} is not implemented")
         self.n_group = config.n_group
         self.topk_group = config.topk_group

@@ -35,9 +35,10 @@ from pithtrain.operators.ep_dispatch import moe_ep_prepare_dispatch
 from pithtrain.operators.token_scatter import padded_index_gather, scatter_for_grouped_gemm
 
 # Sigmoid gain of gpt-oss's clamped SwiGLU, x * sigmoid(1.702 * x) being the sigmoid
-# approximation of GELU (Hendrycks & Gimpel 2016); openai/gpt-oss uses it as a fixed
-# constant, newer transformers configs carry it as swiglu_alpha.
-SWIGLU_ALPHA = 1.702
+# approximation of GELU (Hendrycks & Gimpel 2016); openai/gpt-oss fixes it in code. Newer
+# transformers configs carry it as swiglu_alpha (read first); this is the fallback for older
+# ones, so it equals the config's value by design.
+SWIGLU_ALPHA = 1.702  # noqa: PTL503
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 

@@ -11,6 +11,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 from pithtrain.dualpipe import DualPipeV, set_p2p_tensor_dtype, set_p2p_tensor_shapes
 from pithtrain.layers.factory import ModelImplMode
+from pithtrain.models.deepseek_v2 import DeepseekV2Model
+from pithtrain.models.gpt_oss import GptOssModel
 from pithtrain.models.qwen3_moe import Qwen3MoeModel
 from pithtrain.modules.distributed import DistributedCtx
 from pithtrain.modules.load_balance import make_load_balance_loss_fn
@@ -50,7 +52,9 @@ def apply_fsdp(model: nn.Sequential, mesh: DeviceMesh, param_dtype: torch.dtype)
         param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=True
     )
     for module in model:
-        assert isinstance(module, (Qwen3MoeModel,)), f"apply_fsdp: unknown model {type(module)}"
+        assert isinstance(module, (Qwen3MoeModel, GptOssModel, DeepseekV2Model)), (
+            f"apply_fsdp: unknown model {type(module)}"
+        )
         for edge in (module.embed_tokens, module.norm, module.lm_head):
             if edge is not None:
                 fully_shard(edge, mesh=other_mesh, reshard_after_forward=True, mp_policy=mp)
@@ -88,6 +92,10 @@ def setup_model(
     config.ep_size = distributed.ep_size
     if config.model_type == "qwen3_moe":
         model_cls = Qwen3MoeModel
+    elif config.model_type == "gpt_oss":
+        model_cls = GptOssModel
+    elif config.model_type == "deepseek_v2":
+        model_cls = DeepseekV2Model
     else:
         raise ValueError(f"unsupported model_type {config.model_type!r}")
 

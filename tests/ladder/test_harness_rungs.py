@@ -1,6 +1,7 @@
-"""The ladder harness under torchrun on CPU (gloo): the four rungs pass on the embedded
-qwen3_moe, and each broken fixture fails at the rung where its bug first shows, with the
-diagnosis it should get. Results are read from the ranks' JSON files, not from logs."""
+"""The ladder harness under torchrun on CPU (gloo): the four rungs pass on every embedded
+model (qwen3_moe, gpt_oss, deepseek_v2), and each broken fixture (a broken qwen3_moe) fails
+at the rung where its bug first shows, with the diagnosis it should get. Results are read
+from the ranks' JSON files, not from logs."""
 
 import os
 import signal
@@ -16,6 +17,12 @@ from pithlint.ladder.diagnosis import Verdict, diagnose, load_results
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "examples/pretrain_language_model/qwen3_moe/tiny.json"
+# The tiny config of every embedded model.
+TINY_MODELS = {
+    "qwen3_moe": TINY,
+    "gpt_oss": "examples/pretrain_language_model/gpt_oss/tiny.json",
+    "deepseek_v2": "examples/pretrain_language_model/deepseek_v2/tiny.json",
+}
 FIXTURES = REPO / "tests/fixtures/ladder"
 # A rung takes 10-30 s on two cores once the compile cache is warm; a cold cache adds
 # about a minute. Past this it is a hang.
@@ -38,7 +45,7 @@ def free_port() -> int:
 
 
 def run_rung(
-    result_dir: Path, pp: int, ep: int, model_file=None, poison=False, num_chunks=None
+    result_dir: Path, pp: int, ep: int, model_file=None, poison=False, num_chunks=None, model=TINY
 ) -> RungRun:
     world = pp * ep
     cmd = [
@@ -46,7 +53,7 @@ def run_rung(
         f"--nproc-per-node={world}", f"--master-port={free_port()}",
         "tests/test_fsdp.py",
         "--pp-size", str(pp), "--ep-size", str(ep),
-        "--model", TINY, "--device", "cpu",
+        "--model", model, "--device", "cpu",
         "--result-dir", str(result_dir),
     ]  # fmt: skip
     if model_file is not None:
@@ -108,13 +115,14 @@ SPEC_TRACES = {
 }
 
 
+@pytest.mark.parametrize("model", list(TINY_MODELS))
 @pytest.mark.parametrize(
     ("pp", "ep", "num_chunks"),
     [(1, 1, 2), (2, 1, 4), (1, 2, None), (2, 2, None)],
     ids=["1x1", "2x1", "1x2", "2x2"],
 )
-def test_rung_passes(tmp_path, pp, ep, num_chunks):
-    run = run_rung(tmp_path, pp, ep, num_chunks=num_chunks)
+def test_rung_passes(tmp_path, pp, ep, num_chunks, model):
+    run = run_rung(tmp_path, pp, ep, num_chunks=num_chunks, model=TINY_MODELS[model])
     assert run.returncode == 0, run.verdict.message + "\n" + run.output[-3000:]
     assert run.verdict.passed, run.verdict.message
     assert sorted(r["rank"] for r in run.records) == list(range(pp * ep))
