@@ -9,27 +9,22 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from pithlint import __version__, registry
+from pithlint.cache import ResultCache, cache_folder, load_catalog, save_catalog
 from pithlint.config import ConfigError, load_settings
 from pithlint.discovery import DiscoveryError, discover
 from pithlint.engine import LintRun
 from pithlint.registry import SelectionError
-from pithlint.fixes import (
-    APPLICABILITIES,
-    MAX_ROUNDS,
-    UNSUPPRESSIBLE,
-    FixOutcome,
-    add_suppressions,
-    fix_edits,
-    fix_file,
-    parse_error,
-    unified_diff,
-    write_atomically,
-)
 from pithlint.reporting import FORMATS, format_github, format_json, format_junit, format_sarif, format_text
+
+# pithlint.fixes (and with it libcst) is imported only where it is used: a run the result
+# cache answers never loads libcst.
+if TYPE_CHECKING:
+    from pithlint.fixes import FixOutcome
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
@@ -79,6 +74,7 @@ class _CheckCommand(click.Command):
 @click.option("--fix", is_flag=True, help="Apply the safe fixes, then report what is left.")
 @click.option("--unsafe-fixes", is_flag=True, help="Include unsafe fixes: applied with --fix or --diff, else only counted as fixable.")
 @click.option("--diff", is_flag=True, help="Print the fixes as a unified diff instead of writing them; exit 1 when there is something to fix.")
+@click.option("--no-cache", is_flag=True, help="Lint every file afresh: neither read nor write the result cache ('cache-dir').")
 @click.option(
     "--add-noqa",
     "noqa_reason",
@@ -88,7 +84,7 @@ class _CheckCommand(click.Command):
     f"pithlint now and burn the findings down (default reason: '{DEFAULT_NOQA_REASON}').",
 )
 @click.version_option(__version__, "--version", prog_name="pithlint")
-def check(paths, select, extend_select, ignore, profile, show_profile, output_format, output_file, statistics, exit_zero, config_file, force_exclude, fix, unsafe_fixes, diff, noqa_reason):
+def check(paths, select, extend_select, ignore, profile, show_profile, output_format, output_file, statistics, exit_zero, config_file, force_exclude, fix, unsafe_fixes, diff, no_cache, noqa_reason):
     """Lint PithTrain model files for the pitfalls of the 5-stage DualPipeV protocol.
 
     PATHS are files, folders (walked for *.py, honouring .gitignore and 'exclude') or
@@ -99,6 +95,8 @@ def check(paths, select, extend_select, ignore, profile, show_profile, output_fo
         raise UsageFailure("--add-noqa cannot be combined with --fix or --diff: fix first, then suppress what is left")
     try:
         settings = load_settings(Path(config_file) if config_file else None, Path(paths[0]))
+        folder = cache_folder(settings)
+        catalog_cached = not no_cache and load_catalog(folder)
 
         def new_run() -> LintRun:
             return LintRun.create(
@@ -123,18 +121,23 @@ def check(paths, select, extend_select, ignore, profile, show_profile, output_fo
     if not files:
         excluded = " that the configured 'exclude' leaves" if force_exclude else ""
         click.echo(f"warning: no Python files found under {', '.join(paths)}{excluded}", err=True)
-    applicabilities = APPLICABILITIES if unsafe_fixes else ("safe",)
+    if diff or fix:
+        from pithlint.fixes import APPLICABILITIES
+
+        applicabilities = APPLICABILITIES if unsafe_fixes else ("safe",)
     if diff:
         sys.exit(_show_diff(run, files, applicabilities, output_file))
     write_failed = False
     if fix:
         write_failed = _apply_fixes(run, files, applicabilities)
-        run = new_run()  # a fresh index and cache: the files changed
+        run = new_run()  # a fresh index: the files changed
     elif noqa_reason is not None:
-        write_failed = _add_noqa(run, files, noqa_reason)
+        write_failed = _add_noqa(run, files, noqa_reason, no_cache)
         run = new_run()
 
-    findings, displayed, failed, edits = _lint(run, files, keep_trees=output_format == "json")
+    findings, displayed, failed, edits = _lint(run, files, output_format == "json", no_cache)
+    if not no_cache and not catalog_cached:
+        save_catalog(folder)
     for notice in run.notices:
         click.echo(f"note: {notice}", err=True)
 
@@ -157,28 +160,31 @@ def check(paths, select, extend_select, ignore, profile, show_profile, output_fo
     sys.exit(EXIT_FINDINGS if findings and not exit_zero else EXIT_CLEAN)
 
 
-def _lint(run: LintRun, files: list[Path], keep_trees: bool):
+def _lint(run: LintRun, files: list[Path], with_edits: bool, no_cache: bool):
     """(sorted findings, displayed file names, any file failed, fix edits by finding id).
 
-    With ``keep_trees`` (JSON output) each file's tree is kept to render its fixes' edits."""
-    findings, displayed, failed, edits = [], [], False, {}
-    for path in files:
-        if keep_trees:
-            outcome = fix_file(run, path)
-            result = outcome.result
-            if outcome.module is not None:
-                edits.update((id(f), fix_edits(outcome.module, f)) for f in result.findings if f.fix is not None)
-        else:
-            result = run.lint_file(path)
+    With ``with_edits`` (JSON output) every fix's edits are rendered. The files' notices
+    replace ``run.notices``, in the order a serial uncached run says them."""
+    from pithlint.pool import lint_files
+
+    cache = None if no_cache else ResultCache(cache_folder(run.settings), run)
+    findings, displayed, failed, edits, notices = [], [], False, {}, []
+    for linted in lint_files(run, files, cache, with_edits):
+        result = run.report_once(linted.result)
         findings.extend(result.findings)
+        edits.update((id(f), f.fix.edits) for f in result.findings if f.fix is not None and f.fix.rendered)
         displayed.append(result.path)
         failed = failed or result.failed
+        notices.extend(n for n in linted.notices if n not in notices)
+    run.notices[:] = notices
     findings.sort(key=lambda f: f.sort_key())
     return findings, displayed, failed, edits
 
 
 def _fix_all(run: LintRun, files: list[Path], applicabilities) -> list[FixOutcome]:
     """Fix every file in memory, telling on stderr which fixes were dropped and why."""
+    from pithlint.fixes import MAX_ROUNDS, fix_file
+
     outcomes = []
     for path in files:
         outcome = fix_file(run, path, applicabilities)
@@ -197,6 +203,8 @@ def _fixed_count(outcomes: list[FixOutcome]) -> tuple[int, int]:
 
 def _apply_fixes(run: LintRun, files: list[Path], applicabilities) -> bool:
     """Write the fixed files; True when a file could not be written."""
+    from pithlint.fixes import write_atomically
+
     outcomes = _fix_all(run, files, applicabilities)
     failed = False
     for outcome in outcomes:
@@ -215,6 +223,8 @@ def _apply_fixes(run: LintRun, files: list[Path], applicabilities) -> bool:
 
 def _show_diff(run: LintRun, files: list[Path], applicabilities, output_file: str | None) -> int:
     """Print what --fix would change; the exit code for --diff."""
+    from pithlint.fixes import unified_diff
+
     outcomes = _fix_all(run, files, applicabilities)
     diffs = "".join(unified_diff(o.result.path, o.result.source, o.fixed) for o in outcomes if o.changed)
     if output_file:
@@ -228,9 +238,11 @@ def _show_diff(run: LintRun, files: list[Path], applicabilities, output_file: st
     return EXIT_FINDINGS if changed else EXIT_CLEAN
 
 
-def _add_noqa(run: LintRun, files: list[Path], reason: str) -> bool:
+def _add_noqa(run: LintRun, files: list[Path], reason: str, no_cache: bool) -> bool:
     """Insert suppressions for every current finding; True when a file could not be written."""
-    findings, _, _, _ = _lint(run, files, keep_trees=False)
+    from pithlint.fixes import UNSUPPRESSIBLE, add_suppressions, parse_error, write_atomically
+
+    findings, _, _, _ = _lint(run, files, False, no_cache)
     by_path: dict[str, list] = {}
     for finding in findings:
         by_path.setdefault(finding.path, []).append(finding)

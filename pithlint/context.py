@@ -8,7 +8,6 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
 import libcst as cst
-from libcst.metadata import MetadataWrapper, PositionProvider
 
 from pithlint.analysis.names import ImportTable
 from pithlint.analysis.structure import ModuleStructure
@@ -88,6 +87,8 @@ class FileContext:
 
     @cached_property
     def _positions(self):
+        from libcst.metadata import MetadataWrapper, PositionProvider  # only files with findings pay for it
+
         wrapper = MetadataWrapper(self.module, unsafe_skip_copy=True)
         return wrapper.resolve(PositionProvider)
 

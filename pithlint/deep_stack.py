@@ -17,11 +17,14 @@ is fast, and refused with a clear message when it nests deeper than any real mod
 from __future__ import annotations
 
 import ast
+import os
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 T = TypeVar("T")
 
@@ -32,6 +35,8 @@ _lock = threading.Lock()
 
 
 def _make_executor() -> ThreadPoolExecutor:
+    from concurrent.futures import ThreadPoolExecutor  # not needed by a run the cache answers
+
     previous = threading.stack_size(_STACK_BYTES)
     try:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pithlint-deep")
@@ -40,6 +45,15 @@ def _make_executor() -> ThreadPoolExecutor:
     finally:
         threading.stack_size(previous)
     return executor
+
+
+def _forget_executor() -> None:
+    """In a forked child (pithlint.pool) the worker thread does not exist: start a new one."""
+    global _executor, _lock
+    _executor, _lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_executor)
 
 
 def call_with_deep_stack(function: Callable[..., T], *args) -> T:

@@ -1,5 +1,9 @@
 """The lint engine: parse each file once, run every enabled rule over that one tree, apply
-suppressions, and turn the rules' reports into positioned findings."""
+suppressions, and turn the rules' reports into positioned findings.
+
+libcst, the rule pack and the analyses are imported on the first file actually linted: a run
+whose files the result cache answers (pithlint.cache) never loads them.
+"""
 
 from __future__ import annotations
 
@@ -12,22 +16,29 @@ import tokenize
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import libcst as cst
+from typing import TYPE_CHECKING
 
 from pithlint import registry
 from pithlint.config import Settings, find_project_root
-from pithlint.context import FileContext
 from pithlint.deep_stack import MAX_DEPTH, call_with_deep_stack, excessive_nesting
 from pithlint.profiles import PROFILES, Detection, Profile, detect_profile, with_project_paths
-from pithlint.project import Project
+from pithlint.registry import RuleInfo
 from pithlint.rule import Finding, Rule
 from pithlint.suppressions import SuppressionTable, parse_suppressions
+
+if TYPE_CHECKING:
+    import libcst as cst
+
+    from pithlint.context import FileContext
+    from pithlint.project import Project
 
 _CODING_COOKIE = re.compile(rb"^[ \t\f]*#.*?coding[:=][ \t]*([-\w.]+)", re.M)
 
 # Engine diagnostics that are not rules of the catalog.
 INTERNAL_ERROR = ("PTL000", "internal-error")
+
+# Rules of these scopes read the project index (pithlint.project).
+PROJECT_SCOPES = ("project", "hf", "file+hf")
 
 
 @dataclass
@@ -49,9 +60,13 @@ class LintRun:
     profile: Profile
     detection: Detection
     enabled: set[str]
-    rules: list[type[Rule]]
+    # The rules that run, as catalog entries; their classes are imported on first use.
+    active: list[RuleInfo]
     # Said once per run, not findings (e.g. a cross-file rule skipped: its file is absent).
     notices: list[str] = field(default_factory=list)
+    # Every notice as said, repeats included: the result cache records each file's share.
+    said: list[str] = field(default_factory=list)
+    _rules: list[type[Rule]] | None = None
     # One cross-file index per project root, and the cross-file findings already reported.
     _projects: dict[Path, Project] = field(default_factory=dict)
     _reported_elsewhere: set[tuple] = field(default_factory=set)
@@ -84,32 +99,57 @@ class LintRun:
         active = with_project_paths(detection.profile, settings.project_paths)
         rules = [
             r
-            for r in registry.all_rules()
+            for r in registry.catalog()
             if r.code in enabled and active.name in r.eras and r.code not in active.disabled_rules
         ]
         return cls(settings, active, detection, enabled, rules)
 
+    @property
+    def rules(self) -> list[type[Rule]]:
+        """The classes of the active rules (importing the rule pack on first use)."""
+        if self._rules is None:
+            by_code = registry.by_code()
+            self._rules = [by_code[r.code] for r in self.active]
+        return self._rules
+
+    @rules.setter
+    def rules(self, rules: list[type[Rule]]) -> None:
+        self._rules = list(rules)
+        self.active = [RuleInfo.of(r) for r in self._rules]
+
+    @property
+    def needs_project(self) -> bool:
+        return any(r.scope in PROJECT_SCOPES for r in self.active)
+
+    def notice(self, message: str) -> None:
+        """Say something once per run (printed by the CLI as ``note: ...``)."""
+        self.said.append(message)
+        if message not in self.notices:
+            self.notices.append(message)
+
     # -- one file ----------------------------------------------------------------------
 
     def lint_file(self, path: Path, display: str | None = None) -> FileResult:
-        result = self.read_file(path, display)
+        """Lint one file of this run (cross-file findings reported once per run)."""
+        return self.report_once(self.lint_file_alone(path, display))
+
+    def lint_file_alone(self, path: Path, display: str | None = None, data: bytes | None = None) -> FileResult:
+        """Lint one file, as if it were the run's only file: what the cache stores."""
+        result = self.read_file(path, display, data)
         if result.source is not None:
             result.findings = self.lint_source(result.source, result.path)
         return result
 
-    def read_file(self, path: Path, display: str | None = None) -> FileResult:
-        """The file's decoded source and encoding, or a PTL001 finding saying why not."""
+    def read_file(self, path: Path, display: str | None = None, data: bytes | None = None) -> FileResult:
+        """The file's decoded source and encoding, or a PTL001 finding saying why not.
+        ``data``, when given, is the file's content as already read (and hashed) by the cache."""
         display = display or os.path.normpath(str(path))
         result = FileResult(display)
-        if path.exists() and not path.is_file():
-            # A FIFO or device named *.py would block or never end.
-            result.findings.append(_file_error(display, "not a regular file: skipped"))
-            return result
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            result.findings.append(_file_error(display, f"cannot read file: {exc.strerror or exc}"))
-            return result
+        if data is None:
+            data, error = read_bytes(path)
+            if error is not None:
+                result.findings.append(_file_error(display, error))
+                return result
         source, encoding, error = decode_source(data)
         if error is not None:
             result.findings.append(_file_error(display, error[0], error[1], error[2]))
@@ -126,6 +166,10 @@ class LintRun:
             return [_file_error(path, "the file is nested too deeply to lint (an expression or block thousands of levels deep)")]
 
     def _lint_source(self, source: str, path: str, module: cst.Module | None) -> list[Finding]:
+        import libcst as cst
+
+        from pithlint.context import FileContext
+
         too_deep = excessive_nesting(source)
         if too_deep is not None:
             depth, line = too_deep
@@ -166,20 +210,26 @@ class LintRun:
         """The cross-file index of the project ``path`` belongs to: the configured root when
         the file is under it, else the file's own nearest root. None when no enabled rule
         needs one."""
-        if not any(r.scope in ("project", "hf", "file+hf") for r in self.rules):
+        if not self.needs_project:
             return None
+        root = self.project_root(path)
+        if root is None:
+            self.notice("cross-file rules skipped: no project root (pyproject.toml or VCS root) above the linted files; pass --config")
+            return None
+        if root not in self._projects:
+            from pithlint.project import Project
+
+            self._projects[root] = Project(root, self.profile, self.notice, self.settings)
+        return self._projects[root]
+
+    def project_root(self, path: str) -> Path | None:
+        """The root of the project ``path`` belongs to: the configured root when the file is
+        under it, else the file's own nearest root."""
         resolved = Path(path).resolve()
         root = self.settings.root.resolve() if self.settings.root is not None else None
         if root is None or not resolved.is_relative_to(root):
             root = find_project_root(resolved)[0]
-        if root is None:
-            notice = "cross-file rules skipped: no project root (pyproject.toml or VCS root) above the linted files; pass --config"
-            if notice not in self.notices:
-                self.notices.append(notice)
-            return None
-        if root not in self._projects:
-            self._projects[root] = Project(root, self.profile, self.notices, self.settings)
-        return self._projects[root]
+        return root
 
     def _position(self, ctx: FileContext) -> list[Finding]:
         findings = []
@@ -188,7 +238,7 @@ class LintRun:
             if pending.path is not None:
                 # A finding in another file of the project (the harness, the converter, ...),
                 # written relative or absolute like the linted file's path.
-                path = Project.display(pending.path, ctx.path)
+                path = display_like(pending.path, ctx.path)
                 code_range = ctx.project.position(pending.path, pending.node) if ctx.project and pending.node is not None else None
                 if code_range is None:
                     line = pending.line or 1
@@ -224,7 +274,7 @@ class LintRun:
             if (
                 f.code not in ignored and not table.suppresses(f.code, f.line)
                 if f.path == path
-                else self._keep_elsewhere(f, project)
+                else not self._suppressed_elsewhere(f, project)
             )
         ]
         by_code = registry.by_code()
@@ -257,27 +307,37 @@ class LintRun:
                     )
         return kept
 
-    def _keep_elsewhere(self, finding: Finding, project: Project | None) -> bool:
-        """A finding located in another file: report it once per run however many linted
-        files lead to it, and honour that file's per-file-ignores and suppressions."""
-        key = (finding.code, finding.path, finding.line, finding.column, finding.message)
-        if key in self._reported_elsewhere:
-            return False
-        self._reported_elsewhere.add(key)
+    def _suppressed_elsewhere(self, finding: Finding, project: Project | None) -> bool:
+        """A finding located in another file honours that file's per-file-ignores and
+        suppressions."""
         if finding.code in self._per_file_ignored(finding.path):
-            return False
+            return True
         if finding.path not in self._suppressions_elsewhere:
             source = project.source_of(finding.path) if project is not None else None
             self._suppressions_elsewhere[finding.path] = parse_suppressions(source or "", registry.resolve_code)
-        return not self._suppressions_elsewhere[finding.path].suppresses(finding.code, finding.line)
+        return self._suppressions_elsewhere[finding.path].suppresses(finding.code, finding.line)
+
+    def report_once(self, result: FileResult) -> FileResult:
+        """Drop the findings located in another file that an earlier file of this run already
+        reported: however many linted files lead to a harness finding, it is said once."""
+        kept = []
+        for finding in result.findings:
+            if finding.path != result.path:
+                key = (finding.code, finding.path, finding.line, finding.column, finding.message)
+                if key in self._reported_elsewhere:
+                    continue
+                self._reported_elsewhere.add(key)
+            kept.append(finding)
+        result.findings = kept
+        return result
 
     @property
     def active_codes(self) -> set[str]:
-        return {r.code for r in self.rules}
+        return {r.code for r in self.active}
 
     @property
     def _cross_file_codes(self) -> set[str]:
-        return {r.code for r in self.rules if r.scope == "project"}
+        return {r.code for r in self.active if r.scope == "project"}
 
     def _per_file_ignored(self, path: str) -> set[str]:
         codes: set[str] = set()
@@ -296,6 +356,22 @@ def _relative(path: str, root: Path | None) -> str:
         return Path(path).resolve().relative_to((root or Path.cwd()).resolve()).as_posix()
     except ValueError:
         return Path(path).as_posix()
+
+
+def read_bytes(path: Path) -> tuple[bytes, str | None]:
+    """(content, None), or (b"", why the file cannot be linted)."""
+    if path.exists() and not path.is_file():
+        return b"", "not a regular file: skipped"  # a FIFO or device named *.py would block or never end
+    try:
+        return path.read_bytes(), None
+    except OSError as exc:
+        return b"", f"cannot read file: {exc.strerror or exc}"
+
+
+def display_like(path: str, like: str) -> str:
+    """``path`` (absolute) written the way the linted file's path ``like`` is: relative to the
+    working directory or absolute."""
+    return path if os.path.isabs(like) else os.path.relpath(path)
 
 
 def decode_source(data: bytes) -> tuple[str, str, tuple[str, int, int] | None]:

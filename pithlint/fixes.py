@@ -56,10 +56,11 @@ class FixOutcome:
         return self.result.source is not None and self.fixed != self.result.source
 
 
-def fix_file(run: LintRun, path: Path, applicabilities: Iterable[str] = ()) -> FixOutcome:
+def fix_file(run: LintRun, path: Path, applicabilities: Iterable[str] = (), data: bytes | None = None) -> FixOutcome:
     """Lint ``path`` keeping its tree, applying the fixes of ``applicabilities`` (none:
-    only lint) until nothing applicable is left. Writes nothing."""
-    result = run.read_file(path)
+    only lint) until nothing applicable is left. Writes nothing. ``data`` is the file's
+    content when already read."""
+    result = run.read_file(path, data=data)
     if result.source is None:
         return FixOutcome(result, "", None)
     allowed = set(applicabilities)

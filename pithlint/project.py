@@ -13,14 +13,14 @@ but the project lacks is reported once per rule as a notice, never as a finding.
 from __future__ import annotations
 
 import json
-import os
 import tokenize
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 
 import libcst as cst
-from libcst.metadata import MetadataWrapper, PositionProvider
 
 from pithlint.analysis.names import ImportTable, dotted_name
 from pithlint.analysis.structure import ClassInfo, ModuleStructure, functions_called_from
@@ -28,6 +28,8 @@ from pithlint.analysis.walk import walk, walk_no_nested_scopes
 from pithlint.config import Settings
 from pithlint.hf import Allowlist, HFIndex, cache_dirs
 from pithlint.profiles import PROJECT_PATH_FIELDS, Profile
+
+T = TypeVar("T")
 
 
 def module_name(relative: str) -> str:
@@ -117,6 +119,8 @@ class ProjectFile:
 
     @cached_property
     def _positions(self):
+        from libcst.metadata import MetadataWrapper, PositionProvider  # only files with findings pay for it
+
         return MetadataWrapper(self.module, unsafe_skip_copy=True).resolve(PositionProvider)
 
     def position(self, node: cst.CSTNode):
@@ -509,17 +513,33 @@ def owned_names(structure: ModuleStructure) -> set[str]:
 class Project:
     """The files around the model files of one project, read on demand."""
 
-    def __init__(self, root: Path, profile: Profile, notices: list[str], settings: Settings | None = None) -> None:
+    def __init__(self, root: Path, profile: Profile, notice: Callable[[str], None], settings: Settings | None = None) -> None:
         self.root = root.resolve()
         self.profile = profile
-        self._notices = notices
+        self._notice = notice
         self.settings = settings or Settings(root=self.root)
         self._files: dict[Path, ProjectFile | None] = {}
+        self._said: list[str] = []
+        self._once: dict[object, tuple[object, list[str]]] = {}
 
     def notice(self, message: str) -> None:
         """Say something once per run (printed by the CLI as ``note: ...``)."""
-        if message not in self._notices:
-            self._notices.append(message)
+        self._said.append(message)
+        self._notice(message)
+
+    def _computed_once(self, key: object, compute: Callable[[], T]) -> T:
+        """``compute()`` the first time; the notices it said are said again on every later
+        use, so that each linted file's lint says what it depends on whichever file came
+        first (the result cache and the process pool record every file's notices)."""
+        if key in self._once:
+            value, said = self._once[key]
+            for message in said:
+                self.notice(message)
+            return value
+        start = len(self._said)
+        value = compute()
+        self._once[key] = (value, self._said[start:])
+        return value
 
     def _path(self, relative: str) -> Path:
         return (self.root / relative).resolve()
@@ -546,9 +566,9 @@ class Project:
     def file(self, relative: str) -> ProjectFile | None:
         """The parsed file at ``relative`` (to the root), or None when it is absent or broken."""
         path = self._path(relative)
-        if path not in self._files:
-            self._files[path] = self._load(path)
-        return self._files[path]
+        if path in self._files:  # parsed by the engine (see parse), or loaded before
+            return self._files[path]
+        return self._computed_once(path, lambda: self._files.setdefault(path, self._load(path)))
 
     def _load(self, path: Path) -> ProjectFile | None:
         if not path.is_file():
@@ -608,11 +628,6 @@ class Project:
         pf = self._files.get(Path(path).resolve())
         return pf.source if pf is not None else None
 
-    @staticmethod
-    def display(path: str, like: str) -> str:
-        """``path`` written the way the linted file's path ``like`` is (relative or absolute)."""
-        return path if os.path.isabs(like) else os.path.relpath(path)
-
     # -- facts ---------------------------------------------------------------------------------
 
     def harness(self, code: str | None = None) -> Harness | None:
@@ -645,8 +660,11 @@ class Project:
                 return branch.model_types[0]
         return None
 
-    @cached_property
+    @property
     def example_configs(self) -> list[ExampleConfig]:
+        return self._computed_once("example_configs", self._read_example_configs)
+
+    def _read_example_configs(self) -> list[ExampleConfig]:
         folder = self._path(self.profile.examples_dir)
         configs = []
         for path in sorted(folder.rglob("config.json")) if folder.is_dir() else ():
@@ -687,8 +705,11 @@ class Project:
             return None
         return _ScatterReader(pf).returns_exact(func, 0)
 
-    @cached_property
+    @property
     def converter_files(self) -> list[ProjectFile]:
+        return self._computed_once("converter_files", self._read_converter_files)
+
+    def _read_converter_files(self) -> list[ProjectFile]:
         path = self._path(self.profile.converter)
         if path.is_dir():
             paths = sorted(path.rglob("*.py"))

@@ -11,9 +11,9 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-import libcst as cst
+if TYPE_CHECKING:  # annotations only: reporting cached findings needs no libcst
+    import libcst as cst
 
-if TYPE_CHECKING:
     from pithlint.context import FileContext
 
 DOC_SECTIONS = (
