@@ -120,6 +120,7 @@ class RichView:
             f"{self.title}: [{style}]{text}[/{style}] ({outcome.time_s:.1f} s)" if style else f"{self.title}: {text}",
             highlight=False,
         )
+        self.live.update("")
 
     def close(self) -> None:
         self.live.stop()

@@ -8,7 +8,8 @@ allow:
 ``[INFO] rank-R, loss: tensor([...]), loss_ref: tensor([...])``
     the per-micro-batch losses; ``loss_ok`` is recomputed (``allclose(rtol=atol=1e-3)``)
 ``[ERROR] rank-R, Parameter P grad mismatch: diff=D, eps=E, p_grad:tensor([...])..., p_ref.grad:tensor([...])...``
-    a failing parameter; its magnitudes come from the five values the line shows
+    a failing parameter; its magnitudes come from the five values the line shows (NaN for
+    ours when the diff is NaN)
 ``[warn] rank-R, Parameter P has all-zero gradient, skipping.``
     an all-zero parameter; one inside the experts marks the rank's MoE blocks as silent
     (upstream skips such parameters and passes; the runner does not)
@@ -17,7 +18,9 @@ allow:
 ``Traceback (most recent call last):`` ... and torchrun's "Root Cause" summary
     the crashed rank and its traceback
 
-A rank with none of these has no record (it hung or died before saying anything).
+A rank with none of these has no record (it hung or died before saying anything), unless
+another rank failed a check: upstream then asserts and torchrun stops the others before they
+report, so they get a record with status ``unknown`` and the diagnosis rests on the failure.
 """
 
 from __future__ import annotations
@@ -90,25 +93,30 @@ def records_from_log(text: str, world_size: int, returncode: Optional[int], rung
     text = _TEE_PREFIX.sub("", text)
     ranks: dict[int, dict] = {}
 
-    def record(rank: str) -> dict:
-        r = int(rank)
-        if r not in ranks:
-            ranks[r] = {"rank": r, "world_size": world_size, **rung, "params": [], "eps": 1e-2}
-        return ranks[r]
+    def record(rank: int) -> dict:
+        if rank not in ranks:
+            ranks[rank] = {
+                "rank": rank, "world_size": world_size, **rung, "params": [], "eps": 1e-2, "status": None
+            }  # fmt: skip
+        return ranks[rank]
 
     for m in _LOSS.finditer(text):
-        rec = record(m["rank"])
+        rec = record(int(m["rank"]))
         rec["losses"], rec["ref_losses"] = _numbers(m["ours"]), _numbers(m["ref"])
         rec["loss_ok"] = _allclose(rec["losses"], rec["ref_losses"])
     for m in _MISMATCH.finditer(text):
-        rec = record(m["rank"])
-        ours_absmax, ours_norm = _magnitudes(_numbers(m["ours"]))
+        rec = record(int(m["rank"]))
+        diff = float(m["diff"])
+        # A NaN diff means a NaN somewhere in a gradient, past the five values shown; ours
+        # (the reference path never sees padding rows).
+        ours = [math.nan] if math.isnan(diff) else _numbers(m["ours"])
+        ours_absmax, ours_norm = _magnitudes(ours)
         ref_absmax, ref_norm = _magnitudes(_numbers(m["ref"]))
         rec["eps"] = float(m["eps"])
         rec["params"].append(
             {
                 "name": m["name"],
-                "diff": float(m["diff"]),
+                "diff": diff,
                 "ours_absmax": ours_absmax,
                 "ref_absmax": ref_absmax,
                 "ours_norm": ours_norm,
@@ -118,7 +126,7 @@ def records_from_log(text: str, world_size: int, returncode: Optional[int], rung
             }
         )
     for m in _ALL_ZERO.finditer(text):
-        rec = record(m["rank"])
+        rec = record(int(m["rank"]))
         rec["params"].append(
             {
                 "name": m["name"],
@@ -136,7 +144,7 @@ def records_from_log(text: str, world_size: int, returncode: Optional[int], rung
             rec["moe_all_zero"] = True
     completed = set()
     for m in _COMPLETED.finditer(text):
-        rec = record(m["rank"])
+        rec = record(int(m["rank"]))
         rec["largest_diff"], rec["largest_diff_param"] = float(m["diff"]), m["name"]
         completed.add(rec["rank"])
 
@@ -147,13 +155,20 @@ def records_from_log(text: str, world_size: int, returncode: Optional[int], rung
             or any(p["diff"] is not None and not p["diff"] < rec["eps"] for p in rec["params"])
         )
         rec["status"] = "failed" if failed else "passed" if rank in completed else None
-    if returncode not in (0, None):
-        # The crashed rank: torchrun's root cause, else the first rank that said nothing final.
+    failed_checks = any(rec["status"] == "failed" for rec in ranks.values())
+    if failed_checks:
+        # Upstream asserts on a failed check and torchrun stops the other ranks, often before
+        # they say anything final: they are not missing, just unheard.
+        for rank in range(world_size):
+            if record(rank)["status"] is None:
+                record(rank)["status"] = "unknown"
+    elif returncode not in (0, None):
+        # A crash: torchrun's root cause, else the first rank that said nothing final.
         root_cause = _ROOT_CAUSE_RANK.search(text)
-        silent = [r for r in range(world_size) if ranks.get(r, {}).get("status") is None]
+        silent = [r for r in range(world_size) if record(r)["status"] is None]
         crashed = int(root_cause.group(1)) if root_cause else (silent or [None])[0]
-        if crashed is not None and record(str(crashed))["status"] is None:
-            rec = ranks[crashed]
+        if crashed is not None and record(crashed)["status"] is None:
+            rec = record(crashed)
             tracebacks = [t for t in _TRACEBACK.findall(text) if "torch/distributed/run.py" not in t]
             rec["status"] = "error"
             rec["traceback"] = tracebacks[0] if tracebacks else ""
