@@ -1,35 +1,13 @@
 """setup_model end to end in a one-rank gloo world: init, FSDP2, the load-balance loss, a
 DualPipeV step."""
 
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from pithtrain.modules.distributed import init_distributed
 from pithtrain.modules.load_balance import MoELoadBalanceLossTracker
 from pithtrain.modules.training import setup_model
-
-
-@pytest.fixture
-def single_rank_world(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_RANK": "0",
-    }.items():
-        monkeypatch.setenv(key, value)
-    ctx = init_distributed(1, 1, "cpu")
-    yield ctx
-    dist.destroy_process_group()
 
 
 def test_setup_model_trains_one_step(tiny_config, single_rank_world):
