@@ -58,16 +58,19 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()
 
 
-@cache
-def source_digest() -> str:
-    """Digest of pithlint's Python source, the rule pack included."""
-    package = Path(__file__).resolve().parent
-    spec = find_spec("pithlint.rules")  # finds the rule pack without importing it
-    folders = {package}
+def source_files() -> list[Path]:
+    """pithlint's Python source files, the rule pack included (it may live apart: an
+    editable install maps ``pithlint.rules`` to the repository's ``rules/``)."""
+    folders = {Path(__file__).resolve().parent}
+    spec = find_spec("pithlint.rules")  # locates the rule pack without importing it
     if spec is not None and spec.origin is not None:
         folders.add(Path(spec.origin).resolve().parent)
-    files = sorted({f for folder in folders for f in folder.rglob("*.py")})
-    return _digest(*(part for f in files for part in (str(f).encode(), f.read_bytes())))
+    return sorted({f for folder in folders for f in folder.rglob("*.py")})
+
+
+@cache
+def source_digest() -> str:
+    return _digest(*(part for f in source_files() for part in (str(f).encode(), f.read_bytes())))
 
 
 def index_inputs(root: Path, profile: Profile) -> list[Path]:
