@@ -1,0 +1,81 @@
+"""Tier 5, PTR030: every embedded model's reference_forward matches transformers' model of
+its model_type on a config moved off its tiny values; a model with a hard-coded constant
+fails, naming the layer where parity breaks; the command line and the import boundary."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pithlint.ladder import parity
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests/fixtures/parity"
+MODELS = parity.embedded_models()
+
+
+def test_every_embedded_model_is_checked():
+    assert {"qwen3_moe", "gpt_oss", "deepseek_v2"} <= set(MODELS)
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_reference_logits_match_hugging_face(model_type):
+    result = parity.run_parity(model_type)
+    assert result.passed, result.message
+    assert result.worst_diff < 1e-4
+    # Knobs every embedded model has were moved off the tiny config's values.
+    assert {"rope_theta", "rms_norm_eps"} <= result.details["varied"].keys()
+
+
+@pytest.mark.parametrize(
+    "model_type, fixture, layer",
+    [
+        ("gpt_oss", "gpt_oss_fixed_swiglu_alpha.py", "layers.0.mlp"),
+        ("qwen3_moe", "qwen3_moe_fixed_rope_theta.py", "layers.0.self_attn"),
+    ],
+)
+def test_a_hard_coded_constant_fails_naming_the_layer(model_type, fixture, layer):
+    result = parity.run_parity(model_type, FIXTURES / fixture)
+    assert not result.passed
+    assert result.worst_diff > 1e-4
+    assert result.worst_param == layer
+    assert f"parity first breaks at {layer} " in result.message
+
+
+def test_the_tiny_config_alone_would_let_a_hard_coded_constant_pass(monkeypatch):
+    """Why the config is varied: the tiny config carries the very value the fixture hard-codes."""
+    monkeypatch.setattr(parity, "VARIED", {})
+    result = parity.run_parity("gpt_oss", FIXTURES / "gpt_oss_fixed_swiglu_alpha.py")
+    assert result.passed, result.message
+
+
+def test_vary_moves_the_knobs_the_config_has():
+    config = parity.load_config("gpt_oss")
+    changed = parity.vary(config)
+    assert config.rope_parameters["rope_theta"] == parity.VARIED["rope_theta"]
+    assert config.swiglu_alpha == parity.VARIED["swiglu_alpha"]
+    assert "routed_scaling_factor" not in changed and not hasattr(config, "routed_scaling_factor")
+    # deepseek_v2's tiny config already has the varied norm_topk_prob: nothing to report.
+    assert "norm_topk_prob" not in parity.vary(parity.load_config("deepseek_v2"))
+
+
+def test_command_line_writes_results_and_exits_nonzero_on_failure(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    argv = ["--model", "gpt_oss", "--check", "roundtrip", "--result-json", str(out)]
+    assert parity.main(argv) == 0
+    (passed,) = json.loads(out.read_text())
+    assert (passed["code"], passed["model_type"], passed["passed"]) == ("PTR031", "gpt_oss", True)
+
+    argv += ["--converter", str(FIXTURES / "view_converter.py")]
+    assert parity.main(argv) == 1
+    (failed,) = json.loads(out.read_text())
+    assert failed["worst_param"] == "model.layers.0.mlp.experts.down_proj"
+    assert "PTR031 gpt_oss: FAILED" in capsys.readouterr().out
+
+
+def test_importing_the_checks_does_not_import_torch():
+    code = "import sys, pithlint.ladder.parity; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
