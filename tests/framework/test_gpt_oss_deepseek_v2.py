@@ -184,9 +184,8 @@ def test_setup_model_trains_one_step(name, single_rank_world):
     loss, _ = pipeline.step(tokens, num_chunks=2, criterion=F.mse_loss, labels=(labels,))
 
     assert loss.shape == (2,) and torch.isfinite(loss).all()
-    moe_layers = sum(
-        hasattr(layer.mlp, "experts") for stage in pipeline.module for layer in stage.layers.values()
-    )
+    layers = [layer for stage in pipeline.module for layer in stage.layers.values()]
+    moe_layers = sum(hasattr(layer.mlp, "experts") for layer in layers)
     assert MoELoadBalanceLossTracker.get_total_count_and_clear()[1] == moe_layers * 2
     for pname, param in pipeline.named_parameters():
         grad = param.grad.full_tensor()
