@@ -53,9 +53,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-CHECKOUT = Path(__file__).resolve().parents[2]
-EXAMPLES = CHECKOUT / "examples/pretrain_language_model"
-TINY = "tiny.json"
+from pithlint.ladder.targets import CHECKOUT, EXAMPLES, TINY, embedded_targets
+
 CONVERTER_MODULE = "pithtrain.tasks.convert_checkpoint"
 
 PARITY_TOL = 1e-4
@@ -109,7 +108,9 @@ def load_config(model):
     if isinstance(model, PretrainedConfig):
         return copy.deepcopy(model)
     path = Path(model)
-    return AutoConfig.from_pretrained(path if path.is_file() else EXAMPLES / model / TINY)
+    if not path.is_file():  # a model_type
+        path = CHECKOUT / EXAMPLES / model / TINY
+    return AutoConfig.from_pretrained(path)
 
 
 def vary(config) -> dict:
@@ -361,8 +362,8 @@ CHECKS = {"parity": run_parity, "roundtrip": run_roundtrip}
 
 
 def embedded_models() -> list[str]:
-    """The ``model_type`` of every embedded model (a folder with a tiny config)."""
-    return sorted(path.parent.name for path in EXAMPLES.glob(f"*/{TINY}"))
+    """The ``model_type`` of every embedded model (the runner's embedded targets)."""
+    return [target.model_type for target in embedded_targets()]
 
 
 def _run_one(check: str, model: str, args) -> CheckResult:
