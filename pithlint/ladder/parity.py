@@ -31,6 +31,9 @@ Standalone::
 config path; without it every embedded model runs. ``--model-file`` takes the model class
 from a file (a model broken on purpose), ``--converter`` the ``hf2dcp``/``dcp2hf`` pair.
 
+In the runner, both are tier 5 (``pithlint --run-ladder --tiers 5``): ``run_tier5`` runs
+this command line for a target and turns its result into the runner's outcome.
+
 torch, transformers and the framework are imported inside the functions, in the process
 that runs the checks: importing pithlint never imports torch.
 """
@@ -354,6 +357,55 @@ def run_roundtrip(model, converter_file=None, seed: int = SEED) -> CheckResult:
         )
     result.seconds = time.monotonic() - started
     return result
+
+
+# ---------------------------------------------------------------------------- the runner's tier 5
+
+RESULT_FILE = "result.json"
+
+
+def run_tier5(ctx, check):
+    """The runner's tier-5 check ``check.id`` (``parity`` or ``roundtrip``) on its target:
+    this module's command line as a process of its own (the runner never imports torch),
+    on CPU in fp32. Returns the runner's ``Outcome``."""
+    # Imported here: pithlint/ladder/tiers.py imports this module for its registry.
+    from pithlint.ladder.launch import run_group
+    from pithlint.ladder.tiers import Outcome, log_tail
+
+    target, result_dir = ctx.target, ctx.result_dir(check)
+    argv = [
+        sys.executable, "-m", "pithlint.ladder.parity", "--model", str(target.config),
+        "--check", check.id, "--result-json", str(result_dir / RESULT_FILE),
+    ]  # fmt: skip
+    if target.model_file is not None:
+        argv += ["--model-file", str(target.model_file)]
+    launch = run_group(
+        lambda _port: argv,
+        cwd=target.root,
+        env=dict(os.environ),
+        result_dir=result_dir,
+        timeout_s=ctx.timeout_s,
+        on_tick=lambda elapsed: ctx.view.tick(elapsed, {}),
+        use_port=False,
+    )
+    details = {"log": str(launch.log_path), "returncode": launch.returncode}
+    if launch.timed_out:
+        message = f"the check exceeded its time limit of {ctx.timeout_s:g} s and was killed"
+        return Outcome("failed", message, kind="hang", code=check.code, details=details)
+    try:
+        (result,) = json.loads((result_dir / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        tail = log_tail(launch.log_path)
+        message = f"the check wrote no result; last lines of its log ({launch.log_path}):\n{tail}"
+        return Outcome("failed", message, kind="missing-results", details=details)
+    return Outcome(
+        "passed" if result["passed"] else "failed",
+        result["message"],
+        code=None if result["passed"] else result["code"],
+        worst_diff=result["worst_diff"],
+        worst_param=result["worst_param"],
+        details={**details, **result["details"]},
+    )
 
 
 # ---------------------------------------------------------------------------- command line

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Protocol
 from pithlint.config import load_settings
 from pithlint.ladder.diagnosis import RUNG_ADDS, Verdict, diagnose, load_results, to_float
 from pithlint.ladder.launch import Launch, Placement, place, run_group
+from pithlint.ladder.parity import run_tier5
 from pithlint.ladder.targets import Target
 from pithlint.ladder.upstream_log import last_info, records_from_log
 
@@ -444,6 +445,8 @@ def _apply_verdict(outcome: Outcome, verdict: Verdict, launch: Launch, read_erro
 
 LINT = Check(0, "lint", None, "static lint of the model file and its wiring", run_lint)
 REFERENCE = Check(3, "reference", "PTR010", "reference vs 5-stage, one process", run_reference)
+PARITY = Check(5, "parity", "PTR030", "logits vs transformers' model (fp32)", run_tier5)
+ROUNDTRIP = Check(5, "roundtrip", "PTR031", "HF -> canonical -> HF, bit for bit", run_tier5)
 
 
 def _rung_check(rung: tuple[int, int]) -> Check:
@@ -462,4 +465,5 @@ TIERS = (
     Tier(0, "static lint", lambda options: [LINT]),
     Tier(3, "reference vs 5-stage (one process)", lambda options: [REFERENCE]),
     Tier(4, "the pp/ep ladder", lambda options: [_rung_check(r) for r in options.rungs]),
+    Tier(5, "Hugging Face parity, checkpoint round trip", lambda options: [PARITY, ROUNDTRIP]),
 )

@@ -79,3 +79,23 @@ def test_importing_the_checks_does_not_import_torch():
     code = "import sys, pithlint.ladder.parity; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class QuietView:
+    def tick(self, elapsed_s, ranks):
+        pass
+
+
+def test_the_runner_runs_both_checks_as_tier_5(tmp_path):
+    from pithlint.ladder.targets import embedded_targets
+    from pithlint.ladder.tiers import TIERS, CheckContext, Options
+
+    (tier,) = [t for t in TIERS if t.number == 5]
+    options = Options("cpu", (), (5,), None, False, True, tmp_path)
+    checks = tier.checks(options)
+    assert [(c.id, c.code) for c in checks] == [("parity", "PTR030"), ("roundtrip", "PTR031")]
+    target = next(t for t in embedded_targets() if t.model_type == "gpt_oss")
+    roundtrip = checks[1]
+    outcome = roundtrip.run(CheckContext(target, options, QuietView(), []), roundtrip)
+    assert outcome.status == "passed", outcome.message
+    assert outcome.details["expert_tensors"] == 16
