@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import libcst as cst
 
 from pithlint.analysis.names import ImportTable
+from pithlint.analysis.positions import code_ranges
 from pithlint.analysis.structure import ModuleStructure
 from pithlint.analysis.walk import walk
 from pithlint.profiles import Profile
@@ -52,17 +53,22 @@ class FileContext:
 
     @cached_property
     def imports(self) -> ImportTable:
-        return ImportTable(self.module)
+        return ImportTable(self.module, self.all_nodes)
 
     @cached_property
     def structure(self) -> ModuleStructure:
         return ModuleStructure(self.module, self.profile)
 
     @cached_property
+    def all_nodes(self) -> list[cst.CSTNode]:
+        """Every code-bearing node of the file, in source order (one walk, shared by rules)."""
+        return list(walk(self.module))
+
+    @cached_property
     def nodes_by_type(self) -> dict[type, list[cst.CSTNode]]:
-        """Every code-bearing node of the file, grouped by type (one walk, shared by rules)."""
+        """Every code-bearing node of the file, grouped by type."""
         index: dict[type, list[cst.CSTNode]] = {}
-        for node in walk(self.module):
+        for node in self.all_nodes:
             index.setdefault(type(node), []).append(node)
         return index
 
@@ -87,14 +93,18 @@ class FileContext:
 
     @cached_property
     def _positions(self):
-        from libcst.metadata import MetadataWrapper, PositionProvider  # only files with findings pay for it
-
-        wrapper = MetadataWrapper(self.module, unsafe_skip_copy=True)
-        return wrapper.resolve(PositionProvider)
+        return code_ranges(self.module)
 
     def position(self, node: cst.CSTNode):
         """The node's CodeRange (1-based lines, 0-based columns)."""
         return self._positions[node]
+
+    def positions(self, nodes: list[cst.CSTNode]) -> dict:
+        """The CodeRanges of ``nodes``: only theirs are computed, unless a rule already asked
+        for positions (then every node's are known)."""
+        if "_positions" in self.__dict__:
+            return self._positions
+        return code_ranges(self.module, nodes)
 
     # -- reporting ---------------------------------------------------------------------
 

@@ -233,6 +233,7 @@ class LintRun:
 
     def _position(self, ctx: FileContext) -> list[Finding]:
         findings = []
+        ranges = ctx.positions([p.node for p in ctx.pending if p.path is None])
         for pending in ctx.pending:
             rule = pending.rule
             if pending.path is not None:
@@ -247,7 +248,7 @@ class LintRun:
                 start, end = code_range.start, code_range.end
                 findings.append(Finding(rule.code, rule.name, path, start.line, start.column + 1, end.line, end.column + 1, pending.message, rule.severity, pending.fix))
                 continue
-            code_range = ctx.position(pending.node)
+            code_range = ranges[pending.node]
             findings.append(
                 Finding(
                     rule.code,

@@ -23,6 +23,7 @@ from typing import TypeVar
 import libcst as cst
 
 from pithlint.analysis.names import ImportTable, dotted_name
+from pithlint.analysis.positions import code_ranges
 from pithlint.analysis.structure import ClassInfo, ModuleStructure, functions_called_from
 from pithlint.analysis.walk import walk, walk_no_nested_scopes
 from pithlint.config import Settings
@@ -119,9 +120,7 @@ class ProjectFile:
 
     @cached_property
     def _positions(self):
-        from libcst.metadata import MetadataWrapper, PositionProvider  # only files with findings pay for it
-
-        return MetadataWrapper(self.module, unsafe_skip_copy=True).resolve(PositionProvider)
+        return code_ranges(self.module)
 
     def position(self, node: cst.CSTNode):
         return self._positions[node]

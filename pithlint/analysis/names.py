@@ -7,6 +7,8 @@ statements of the file, so this module builds that alias table once per file.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import libcst as cst
 
 from pithlint.analysis.walk import walk
@@ -32,12 +34,16 @@ def _module_name(node: cst.BaseExpression | None, relative: int) -> str:
 class ImportTable:
     """Maps each locally bound import alias to the dotted name it stands for."""
 
-    def __init__(self, module: cst.Module) -> None:
+    def __init__(self, module: cst.Module, nodes: Iterable[cst.CSTNode] | None = None) -> None:
+        """``nodes``: every node of ``module`` in source order, when a walk already listed them."""
         self.aliases: dict[str, str] = {}
         self.import_nodes: list[cst.Import | cst.ImportFrom] = []
-        for node in walk(module):
-            if isinstance(node, cst.Import):
-                self.import_nodes.append(node)
+        for node in walk(module) if nodes is None else nodes:
+            kind = type(node)  # exact types: isinstance on libcst's node classes is slow
+            if kind is not cst.Import and kind is not cst.ImportFrom:
+                continue
+            self.import_nodes.append(node)
+            if kind is cst.Import:
                 for alias in node.names:
                     full = dotted_name(alias.name)
                     if full is None:
@@ -48,10 +54,7 @@ class ImportTable:
                         # `import a.b` binds `a`.
                         head = full.split(".")[0]
                         self.aliases.setdefault(head, head)
-            elif isinstance(node, cst.ImportFrom):
-                self.import_nodes.append(node)
-                if isinstance(node.names, cst.ImportStar):
-                    continue
+            elif not isinstance(node.names, cst.ImportStar):
                 module_name = _module_name(node.module, len(node.relative))
                 for alias in node.names:
                     name = dotted_name(alias.name)

@@ -88,16 +88,28 @@ def _child_fields(node_type: type) -> tuple[str, ...]:
     )
 
 
-def children(node: cst.CSTNode) -> Iterator[cst.CSTNode]:
+# isinstance() against libcst's abstract base classes is slow (ABCMeta); there are few node
+# types, so whether a type is a node is looked up once per type.
+_IS_NODE: dict[type, bool] = {}
+
+
+def _is_node(kind: type) -> bool:
+    known = _IS_NODE.get(kind)
+    if known is None:
+        known = _IS_NODE[kind] = issubclass(kind, cst.CSTNode)
+    return known
+
+
+def children(node: cst.CSTNode) -> list[cst.CSTNode]:
     """The direct code-bearing children of ``node``, in source order."""
+    found = []
     for name in _child_fields(type(node)):
         value = getattr(node, name)
-        if isinstance(value, cst.CSTNode):
-            yield value
-        elif isinstance(value, (tuple, list)):
-            for item in value:
-                if isinstance(item, cst.CSTNode):
-                    yield item
+        if isinstance(value, (tuple, list)):
+            found.extend([item for item in value if _is_node(type(item))])
+        elif _is_node(type(value)):
+            found.append(value)
+    return found
 
 
 def walk(node: cst.CSTNode) -> Iterator[cst.CSTNode]:
@@ -106,7 +118,12 @@ def walk(node: cst.CSTNode) -> Iterator[cst.CSTNode]:
     while stack:
         current = stack.pop()
         yield current
-        stack.extend(reversed(tuple(children(current))))
+        below = children(current)
+        below.reverse()
+        stack.extend(below)
+
+
+_SCOPES = (cst.FunctionDef, cst.Lambda, cst.ClassDef)
 
 
 def walk_no_nested_scopes(node: cst.CSTNode) -> Iterator[cst.CSTNode]:
@@ -114,14 +131,17 @@ def walk_no_nested_scopes(node: cst.CSTNode) -> Iterator[cst.CSTNode]:
 
     The body of ``node`` itself is walked even when ``node`` is a function.
     """
-    stack = list(reversed(tuple(children(node))))
+    stack = children(node)
+    stack.reverse()
     yield node
     while stack:
         current = stack.pop()
         yield current
-        if isinstance(current, (cst.FunctionDef, cst.Lambda, cst.ClassDef)):
+        if type(current) in _SCOPES:
             continue
-        stack.extend(reversed(tuple(children(current))))
+        below = children(current)
+        below.reverse()
+        stack.extend(below)
 
 
 def find_all(node: cst.CSTNode, node_type: type | tuple[type, ...]) -> list:
