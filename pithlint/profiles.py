@@ -94,11 +94,15 @@ class Profile:
     router_tracker_method: str  # the router method that calls the tracker ("" when the layer does)
     lb_loss_fn_attr: str  # the router's load-balance loss hook
     lb_tracker_add: str  # the tracker's class method that records a loss (a Python side effect)
+    # LB scaling form: v2's train step divides every gradient by the token count, so the
+    # injected loss is multiplied by the number of tokens (``lb_loss * topk_weight.shape[0]``).
+    lb_token_weighted: bool
     # 9. shared experts
     shared_expert_names: tuple[str, ...]
     # 10. per-forward state
     per_forward_attrs: tuple[str, ...]
     posemb_args: tuple[str, ...]
+    posemb_method: str  # the model method that builds them ("" when layers carry the state)
     # 11. rule toggles by era
     disabled_rules: frozenset[str]
     # 12. cross-file locations (relative to the project root)
@@ -245,9 +249,11 @@ V1 = Profile(
     router_tracker_method="forward",
     lb_loss_fn_attr="load_balance_loss_fn",
     lb_tracker_add="add",
+    lb_token_weighted=False,
     shared_expert_names=_SHARED_EXPERT_NAMES,
     per_forward_attrs=("_position_embeddings", "_block_mask"),
     posemb_args=(),
+    posemb_method="",
     disabled_rules=frozenset(),
     models_dir="pithtrain/models",
     harness="tests/test_fsdp.py",
@@ -362,8 +368,10 @@ V2 = dataclasses.replace(
     # forward() -> (topk_idx, topk_weight, lb_loss); the layer calls the tracker
     router_outputs=(("forward", 3),),
     router_tracker_method="",
+    lb_token_weighted=True,
     per_forward_attrs=(),
     posemb_args=("rotary_posemb", "cu_seqlens"),
+    posemb_method="forward_posemb",
     disabled_rules=frozenset({"PTL112"}),
     harness="tests/test_dualpipev.py",
     examples_dir="examples/pretrain_lm",
@@ -418,17 +426,35 @@ class Detection:
 
 
 _INTERFACE = "pithtrain/models/interface.py"
+_EXECUTION = "pithtrain/dualpipe/execution.py"
 _FSDP_STRING = re.compile(r"register_fsdp_forward_method\([^,]+,\s*[\"'](\w+)[\"']")
+_LAYER_CALL = re.compile(r"\blayer\.(\w+)\(")
+# Where each era's models get their linear classes and parallel groups (module prefixes).
+_MODEL_IMPORTS = {"v1": "pithtrain.layers.factory", "v2": "pithtrain.contexts"}
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _stage_votes(votes: dict[str, list[str]], called: set[str], reason: str) -> None:
+    """One vote per era whose stage-1 method is among ``called`` (``reason`` has a ``{}`` for it)."""
+    for profile in (V1, V2):
+        if profile.stage1 in called:
+            votes[profile.name].append(reason.format(profile.stage1))
 
 
 def detect_profile(root: Path | None) -> Detection:
-    """Pick v1 or v2 from the signals listed in the protocol-v2 notes; v1 when none is found."""
+    """Pick v1 or v2 from the signals listed in the protocol-v2 notes; v1 when none is found.
+
+    Each signal casts one vote; the era with more votes wins and ties go to v1.
+    """
     if root is None:
         return Detection(V1, ["no project root found: falling back to v1"])
     votes: dict[str, list[str]] = {"v1": [], "v2": []}
     interface = root / _INTERFACE
     if interface.is_file():
-        text = interface.read_text(encoding="utf-8", errors="replace")
+        text = _read(interface)
         if re.search(r"^class LayerProtocol\b", text, re.M):
             votes["v2"].append(f"{_INTERFACE} defines LayerProtocol")
         if re.search(r"^class DecoderLayerProtocol\b", text, re.M):
@@ -439,11 +465,17 @@ def detect_profile(root: Path | None) -> Detection:
         votes["v2"].append("pithtrain/contexts/distributed.py exists")
     training = root / V1.training_module
     if training.is_file():
-        methods = set(_FSDP_STRING.findall(training.read_text(encoding="utf-8", errors="replace")))
-        if V1.stage1 in methods:
-            votes["v1"].append(f"{V1.training_module} registers {V1.stage1}")
-        if V2.stage1 in methods:
-            votes["v2"].append(f"{V2.training_module} registers {V2.stage1}")
+        _stage_votes(votes, set(_FSDP_STRING.findall(_read(training))), f"{V1.training_module} registers {{}}")
+    execution = root / _EXECUTION
+    if execution.is_file():
+        _stage_votes(votes, set(_LAYER_CALL.findall(_read(execution))), f"{_EXECUTION} calls layer.{{}}(...)")
+    models = root / V1.models_dir
+    if models.is_dir():
+        texts = [_read(path) for path in sorted(models.glob("*.py"))]
+        for era, module in _MODEL_IMPORTS.items():
+            pattern = re.compile(rf"^\s*(from|import)\s+{re.escape(module)}\b", re.M)
+            if any(pattern.search(text) for text in texts):
+                votes[era].append(f"a model file in {V1.models_dir}/ imports {module}")
     if votes["v2"] and len(votes["v2"]) > len(votes["v1"]):
         return Detection(V2, votes["v2"])
     if votes["v1"]:

@@ -355,6 +355,28 @@ def _hook_is_set(atom: cst.BaseExpression, holds: bool, attr: str) -> bool:
     return False
 
 
+def _token_weighted(expr: cst.BaseExpression) -> bool:
+    """``expr`` multiplies by a token count: a factor ``<t>.shape[0]`` or ``<t>.size(0)``."""
+    for node in walk(expr):
+        if not (isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Multiply)):
+            continue
+        for factor in (node.left, node.right):
+            if isinstance(factor, cst.Subscript) and isinstance(factor.value, cst.Attribute) and factor.value.attr.value == "shape":
+                index = factor.slice[0].slice
+                if isinstance(index, cst.Index) and isinstance(index.value, cst.Integer) and index.value.value == "0":
+                    return True
+            if (
+                isinstance(factor, cst.Call)
+                and isinstance(factor.func, cst.Attribute)
+                and factor.func.attr.value == "size"
+                and len(factor.args) == 1
+                and isinstance(factor.args[0].value, cst.Integer)
+                and factor.args[0].value.value == "0"
+            ):
+                return True
+    return False
+
+
 class LoadBalanceInjection(Rule):
     """
     What it does:
@@ -363,6 +385,7 @@ class LoadBalanceInjection(Rule):
     ``if self.load_balance_loss_fn is not None:``, or after
     ``if self.load_balance_loss_fn is None: return ...``), in v1 also only under
     ``self.training``, and its result replaces ``topk_weight`` instead of being discarded.
+    In v2 the injected loss is token-weighted: ``lb_loss * topk_weight.shape[0]``.
     A file that computes a loss with ``self.load_balance_loss_fn(...)`` but never injects it
     is reported too.
 
@@ -370,7 +393,10 @@ class LoadBalanceInjection(Rule):
     The injector is an identity in forward whose backward adds the load-balance gradient;
     it is the only way the auxiliary loss reaches the router. Unguarded, the router calls a
     hook that is ``None`` when no loss is configured (and in v1 injects during evaluation);
-    discarded or missing, the loss is computed and logged but never trains anything.
+    discarded or missing, the loss is computed and logged but never trains anything. The
+    v2 train step divides every gradient by the number of tokens, which the injected
+    gradient bypasses; unscaled, the load-balance loss trains with a weight that shrinks as
+    the batch grows.
 
     Example:
         scores = logits.softmax(dim=-1, dtype=torch.float32)
@@ -386,7 +412,8 @@ class LoadBalanceInjection(Rule):
 
     Where it comes from:
     The PithTrain router conventions (seed era: ``self.training and ...``; after the
-    refactor: an early ``return`` when no loss function is installed).
+    refactor: an early ``return`` when no loss function is installed, and the token-weighted
+    injection).
     """
 
     code = "PTL152"
@@ -423,6 +450,8 @@ class LoadBalanceInjection(Rule):
             self.report(call, f"{where} also runs when self.{hook} is None: inject only under `if self.{hook} is not None`")
         elif profile.lb_requires_training and not any(holds and self_method_name(atom) == "training" for atom, holds in facts):
             self.report(call, f"{where} is not gated on self.training: the {profile.name} router injects the load-balance loss only in training mode")
+        if profile.lb_token_weighted and len(call.args) >= 2 and not _token_weighted(call.args[1].value):
+            self.report(call, f"{where} injects the loss unscaled: the {profile.name} train step divides every gradient by the token count, so the load-balance gradient shrinks with the batch; inject lb_loss * topk_weight.shape[0]")
 
     VALID = [
         Valid(
@@ -483,6 +512,19 @@ class LoadBalanceInjection(Rule):
                     if self.load_balance_loss_fn is None:
                         return topk_idx, topk_weight, None
                     lb_loss = self.load_balance_loss_fn(scores, topk_idx, self.num_experts, self.top_k)  # [PTL152]
+                    return topk_idx, topk_weight, lb_loss
+            """,
+            profile="v2",
+        ),
+        # v2: guarded, but the seed-era unscaled form.
+        Invalid(
+            """
+            class Gate(nn.Module):
+                def forward(self, hidden_states):
+                    if self.load_balance_loss_fn is None:
+                        return topk_idx, topk_weight, None
+                    lb_loss = self.load_balance_loss_fn(scores, topk_idx, self.num_experts, self.top_k)
+                    topk_weight = MoELoadBalanceLossInjector.apply(topk_weight, lb_loss)  # [PTL152]
                     return topk_idx, topk_weight, lb_loss
             """,
             profile="v2",
