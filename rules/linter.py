@@ -43,14 +43,38 @@ class SyntaxErrorRule(EngineEmittedRule):
     code = "PTL001"
     name = "syntax-error"
     message = "the file cannot be parsed"
-    VALID = [Valid("x = 1\n"), Valid("")]
+    VALID = [
+        Valid("x = 1\n"),
+        Valid(""),
+        # v2 model code uses 3.10 grammar: match statements and `X | None` annotations.
+        Valid(
+            """
+            class Model(nn.Module):
+                def __init__(self, config, phase: int):
+                    match phase:
+                        case 0 | 1:
+                            stage_count = distributed.pp_size * 2
+                        case _:
+                            stage_count = 1
+                    self.chunk_record: ChunkRecord | None = None
+            """,
+            profile="v2",
+        ),
+    ]
     INVALID = [
         Invalid(
             """
             def forward_attn(self, hidden_states)  # [PTL001]
                 return hidden_states
             """
-        )
+        ),
+        Invalid(
+            """
+            def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens: torch.Tensor | None = None)  # [PTL001]
+                return self.forward_stage1_compute(hidden_states, rotary_posemb, cu_seqlens)
+            """,
+            profile="v2",
+        ),
     ]
 
 
@@ -83,11 +107,13 @@ class UnknownSuppressionRule(EngineEmittedRule):
     VALID = [
         Valid("x = 1  # noqa: E501\n"),
         Valid("x = 1  # pithlint: ignore[PTL303, view-reorders-axes]\n"),
+        Valid("x = 1  # pithlint: ignore[PTL111, unimplemented-parallelism-accepted]\n", profile="v2"),
     ]
     INVALID = [
         Invalid("x = 1  # pithlint: ignore[view-reorder-axes]  # [PTL002]\n"),
         Invalid("x = 1  # noqa: PTL999  # [PTL002]\n"),
         Invalid("# pithlint: file-ignore[PTL0303]  # [PTL002]\nx = 1\n"),
+        Invalid("x = 1  # pithlint: ignore[forward-stage1-signature]  # [PTL002]\n", profile="v2"),
     ]
 
 
@@ -122,6 +148,39 @@ class UnusedSuppressionRule(EngineEmittedRule):
             def f(w, a, b, c):
                 return w.transpose(1, 2).view(a, c, b)  # pithlint: ignore[PTL303]
             """
-        )
+        ),
+        # v2: a model that neither consumes nor rejects context parallelism, waived on purpose.
+        Valid(
+            """
+            from pithtrain.dualpipe.execution import model_forward
+
+            class Model(nn.Module):  # pithlint: ignore[PTL111]
+                def __init__(self, config, phase):
+                    self.layers = nn.ModuleDict()
+
+                def forward(self, hidden_states, cu_seqlens=None):
+                    return model_forward(self, hidden_states, self.chunk_record, cu_seqlens)
+            """,
+            profile="v2",
+        ),
     ]
-    INVALID = [Invalid("x = 1  # pithlint: ignore[PTL303]  # [PTL003]\n")]
+    INVALID = [
+        Invalid("x = 1  # pithlint: ignore[PTL303]  # [PTL003]\n"),
+        # v2: the model defines no backward, so a waiver for PTL108 silences nothing.
+        Invalid(
+            """
+            from pithtrain.contexts import distributed
+            from pithtrain.dualpipe.execution import model_forward
+
+            class Model(nn.Module):  # pithlint: ignore[PTL108]  # [PTL003]
+                def __init__(self, config, phase):
+                    if distributed.cp_size > 1:
+                        raise NotImplementedError("no context parallelism")
+                    self.layers = nn.ModuleDict()
+
+                def forward(self, hidden_states, cu_seqlens=None):
+                    return model_forward(self, hidden_states, self.chunk_record, cu_seqlens)
+            """,
+            profile="v2",
+        ),
+    ]

@@ -743,6 +743,46 @@ class SideEffectInCompiledRegion(Rule):
                     return torch.cat(parts)
             """
         ),
+        # v2: the router runs inside the compiled stage-1 body; the layer's eager stage-1
+        # method records the loss.
+        Valid(
+            """
+            import torch
+            from pithtrain.modules.load_balance import MoELoadBalanceLossInjector, MoELoadBalanceLossTracker
+
+            class Gate(nn.Module):
+                def forward(self, hidden_states):
+                    if self.load_balance_loss_fn is None:
+                        return topk_idx, topk_weight, None
+                    lb_loss = self.load_balance_loss_fn(scores, topk_idx, self.num_experts, self.top_k)
+                    topk_weight = MoELoadBalanceLossInjector.apply(topk_weight, lb_loss * topk_weight.shape[0])
+                    return topk_idx, topk_weight, lb_loss
+
+            class MoE(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.experts = Experts(config)
+                    self.gate = Gate(config)
+
+            class Layer(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.mlp = MoE(config)
+
+                @torch.compile(fullgraph=True)
+                def forward_stage1_compute(self, hidden_states, rotary_posemb, cu_seqlens=None):
+                    topk_idx, topk_weight, lb_loss = self.mlp.gate(hidden_states)
+                    return hidden_states, hidden_states, topk_idx, topk_weight, lb_loss
+
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None):
+                    h, residual, topk_idx, topk_weight, lb_loss = self.forward_stage1_compute(hidden_states, rotary_posemb, cu_seqlens)
+                    if lb_loss is not None:
+                        MoELoadBalanceLossTracker.add(lb_loss)
+                    dispatch_tokens, routing = prepare_dispatch(h, topk_idx, topk_weight, self.mlp.num_experts)
+                    return dispatch_tokens, residual, routing
+            """,
+            profile="v2",
+        ),
     ]
     INVALID = [
         Invalid(
