@@ -149,6 +149,47 @@ class HotRegionNotFullgraph(Rule):
                 def forward_aggregate(self, moe_outs, moe_local_idxs, topk_weight, residual): ...
             """
         ),
+        # v2: the stage-1 body and stage 5; one router compiled on its own, one left eager
+        # (it runs inside the compiled stage-1 body).
+        Valid(
+            """
+            import torch
+
+            class CompiledRouter(nn.Module):
+                def __init__(self, config):
+                    self.load_balance_loss_fn = None
+
+                @torch.compile(fullgraph=True)
+                def forward(self, hidden_states): ...
+
+            class EagerGate(nn.Module):
+                def __init__(self, config):
+                    self.load_balance_loss_fn = None
+
+                def forward(self, hidden_states): ...
+
+            class MoE(nn.Module):
+                def __init__(self, config, compiled):
+                    self.experts = Experts(config)
+                    if compiled:
+                        self.router = CompiledRouter(config)
+                    else:
+                        self.gate = EagerGate(config)
+
+            class Layer(nn.Module):
+                def __init__(self, config):
+                    self.mlp = MoE(config, True)
+
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+                @torch.compile(fullgraph=True)
+                def forward_stage1_compute(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+                @torch.compile(fullgraph=True)
+                def forward_stage5(self, moe_outs, moe_local_idxs, topk_weight, residual): ...
+            """,
+            profile="v2",
+        ),
     ]
     INVALID = [
         Invalid(
@@ -195,6 +236,37 @@ class HotRegionNotFullgraph(Rule):
 
                 def forward_attn(self, hidden_states): ...
             """
+        ),
+        # v2: the decorator dropped from the stage-1 body, fullgraph missing on stage 5 and on
+        # a router compiled on its own.
+        Invalid(
+            """
+            import torch
+
+            class Router(nn.Module):
+                def __init__(self, config):
+                    self.load_balance_loss_fn = None
+
+                @torch.compile(dynamic=False)  # [PTL201]
+                def forward(self, hidden_states): ...
+
+            class MoE(nn.Module):
+                def __init__(self, config):
+                    self.experts = Experts(config)
+                    self.router = Router(config)
+
+            class Layer(nn.Module):
+                def __init__(self, config):
+                    self.mlp = MoE(config)
+
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+                def forward_stage1_compute(self, hidden_states, rotary_posemb, cu_seqlens=None): ...  # [PTL201]
+
+                @torch.compile  # [PTL201]
+                def forward_stage5(self, moe_outs, moe_local_idxs, topk_weight, residual): ...
+            """,
+            profile="v2",
         ),
     ]
 
@@ -291,6 +363,21 @@ class WeakenedCompile(Rule):
             """,
             example_path="tests/test_inference.py",
         ),
+        Valid(
+            """
+            import torch
+
+            class Layer(nn.Module):
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+                @torch.compile(fullgraph=True)
+                def forward_stage1_compute(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+                @torch.compile(fullgraph=True)
+                def forward_stage5(self, moe_outs, moe_local_idxs, topk_weight, residual): ...
+            """,
+            profile="v2",
+        ),
     ]
     INVALID = [
         Invalid(
@@ -336,6 +423,22 @@ class WeakenedCompile(Rule):
                 @torch.compile(dynamic=True)  # [PTL202]
                 def forward(self, x): ...
             """
+        ),
+        Invalid(
+            """
+            import torch
+
+            class Layer(nn.Module):
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+                @torch.compile(fullgraph=True, dynamic=None)  # [PTL202]
+                def forward_stage1_compute(self, hidden_states, rotary_posemb, cu_seqlens=None):
+                    torch._dynamo.mark_dynamic(hidden_states, 1)  # [PTL202]
+
+                @torch.compiler.disable  # [PTL202]
+                def forward_stage5(self, moe_outs, moe_local_idxs, topk_weight, residual): ...
+            """,
+            profile="v2",
         ),
     ]
 
@@ -417,6 +520,15 @@ class UnconditionalUnwrap(Rule):
             """,
             example_path="pithtrain/modules/training.py",
         ),
+        Valid(
+            """
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    if distributed.cp_size > 1:
+                        self.forward_stage1_compute = self.forward_stage1_compute.__wrapped__.__get__(self, type(self))
+            """,
+            profile="v2",
+        ),
     ]
     INVALID = [
         Invalid(
@@ -425,6 +537,14 @@ class UnconditionalUnwrap(Rule):
                 def __init__(self, config):
                     self._forward_attn_compute = self._forward_attn_compute.__wrapped__.__get__(self, type(self))  # [PTL203]
             """
+        ),
+        Invalid(
+            """
+            class Layer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    self.forward_stage5 = self.forward_stage5.__wrapped__.__get__(self, type(self))  # [PTL203]
+            """,
+            profile="v2",
         ),
         Invalid(
             """
