@@ -112,7 +112,35 @@ class RawIndexInStage3(Rule):
                 def forward_aggregate(self, moe_outs, moe_local_idxs, topk_weight, residual):
                     return topk_weight.view(-1)[moe_local_idxs]
             """
-        )
+        ),
+        # v2: the expand gated on the EP size; raw indexing stays in the reference path.
+        Valid(
+            """
+            from pithtrain.contexts import distributed
+            from pithtrain.operators.token_scatter import padded_index_gather, scatter_for_grouped_gemm
+
+            class MoE(nn.Module):
+                def reference_forward(self, hidden_states):
+                    output_tokens, reverse_shuffle_idxs, offs, ks, ks_tensor = scatter_for_grouped_gemm(hidden_states, idxs, self.experts_per_rank)
+                    return self.experts(output_tokens, offs)[reverse_shuffle_idxs]
+
+            class Layer(nn.Module):
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+                def forward_stage3(self, gathered_tokens, expert_idxs=None, expand_idx=None):
+                    if distributed.ep_size > 1:
+                        gathered_tokens = padded_index_gather(gathered_tokens, expand_idx)
+                    output_tokens, reverse_shuffle_idxs, offs, ks, ks_tensor = scatter_for_grouped_gemm(gathered_tokens, expert_idxs, self.mlp.experts_per_rank)
+                    del gathered_tokens
+                    outs = self.mlp.experts(output_tokens, offs, ks=ks, ks_tensor=ks_tensor)
+                    return padded_index_gather(outs, reverse_shuffle_idxs)
+
+                def forward_stage5(self, moe_outs, moe_local_idxs, topk_weight, residual):
+                    permuted_probs = topk_weight.view(-1)[moe_local_idxs]
+                    return residual + moe_outs * permuted_probs.unsqueeze(-1)
+            """,
+            profile="v2",
+        ),
     ]
     INVALID = [
         Invalid(
@@ -328,6 +356,22 @@ class ViewReordersAxes(Rule):
                 return moe_outs.view(*residual.shape)
             """
         ),
+        Valid(
+            """
+            class Layer(nn.Module):
+                @torch.compile(fullgraph=True)
+                def forward_stage5(self, moe_outs, moe_local_idxs, topk_weight, residual):
+                    weighted = moe_outs.view(*topk_weight.shape, -1) * topk_weight.unsqueeze(-1)
+                    return residual + weighted.sum(dim=1).view(*residual.shape)
+
+            class Attention(nn.Module):
+                def forward(self, hidden_states, rotary_posemb, cu_seqlens=None):
+                    B, S, _ = hidden_states.size()
+                    q = self.q_proj(hidden_states).view(B, S, self.num_heads, self.head_dim)
+                    return self.o_proj(attention(q, rotary_posemb).reshape(B, S, self.num_heads * self.head_dim))
+            """,
+            profile="v2",
+        ),
     ]
     INVALID = [
         Invalid(
@@ -365,6 +409,19 @@ class ViewReordersAxes(Rule):
                 w = decode(blocks)  # [E, out, in]
                 return w.view(E, n_in, n_out)  # [E, in, out]  # [PTL303]
             """
+        ),
+        # v2 converter package: an MXFP4 export that reinterprets instead of transposing.
+        Invalid(
+            """
+            class GptOssConverter:
+                def postprocess_canonical(self, state_dict):
+                    w = state_dict["experts.gate_up_proj"]
+                    E, n_out, n_in = w.shape
+                    state_dict["experts.gate_up_proj"] = w.view(E, n_in, n_out)  # [PTL303]
+                    return state_dict
+            """,
+            profile="v2",
+            example_path="pithtrain/tasks/convert_checkpoint/gpt_oss.py",
         ),
     ]
 
@@ -570,6 +627,22 @@ class DynamicShapeIntoCompiled(Rule):
             """,
             example_path="tests/test_fsdp.py",
         ),
+        # v2 harness: the reference model is phase -1 and runs on fixed-size micro-batches.
+        Valid(
+            """
+            from pithtrain.dualpipe import set_p2p_tensor_shapes
+            from pithtrain.models.qwen3_moe import Qwen3MoeModel
+
+            def main(config, x, chunks, micro_batch_size, sequence_length, hidden_size):
+                set_p2p_tensor_shapes([(micro_batch_size, sequence_length, hidden_size)])
+                ModelClass = Qwen3MoeModel
+                model = ModelClass(config, phase=-1)
+                for micro_x in x.chunk(chunks):
+                    model.reference_forward(micro_x).sum().backward()
+            """,
+            example_path="tests/test_dualpipev.py",
+            profile="v2",
+        ),
     ]
     INVALID = [
         Invalid(
@@ -592,6 +665,22 @@ class DynamicShapeIntoCompiled(Rule):
                     logits = model(ids)  # [PTL206]
             """,
             example_path="tests/test_inference.py",
+        ),
+        Invalid(
+            """
+            from pithtrain.dualpipe import set_p2p_tensor_shapes
+            from pithtrain.models.gpt_oss import GptOssModel
+
+            def generate(config, buffer, cursor, steps, hidden):
+                model = GptOssModel(config, phase=-1)
+                for step in range(steps):
+                    set_p2p_tensor_shapes([(1, cursor, hidden)])  # [PTL206]
+                    logits = model.reference_forward(buffer[:, :cursor])  # [PTL206]
+                    buffer[:, cursor] = logits[:, -1].argmax(-1)
+                    cursor += 1
+            """,
+            example_path="tools/generate.py",
+            profile="v2",
         ),
     ]
 
@@ -832,8 +921,80 @@ class GroupedMmPaddingRows(Rule):
             """,
             files=(("pithtrain/operators/token_scatter.py", _PADDED_SCATTER),),
         ),
+        # v2: bias added with the indexed-bias-add op; the project's scatter is narrowed.
+        Valid(
+            """
+            import torch
+            from torch import nn
+            from pithtrain.operators.grouped_linear import GroupedLinearFunc
+            from pithtrain.operators.indexed_bias_add import indexed_bias_add
+
+            class GptOssExperts(nn.Module):
+                def __init__(self, config, num_experts):
+                    super().__init__()
+                    self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * config.intermediate_size, config.hidden_size))
+                    self.gate_up_proj_bias = nn.Parameter(torch.zeros(num_experts, 2 * config.intermediate_size))
+                    self.down_proj = nn.Parameter(torch.empty(num_experts, config.hidden_size, config.intermediate_size))
+
+                def forward(self, x, grouped_mm_offs, ks=None, ks_tensor=None):
+                    group_ids = torch.searchsorted(grouped_mm_offs, torch.arange(x.shape[0], device=x.device), right=True)
+                    gate_up = GroupedLinearFunc.apply(x, self.gate_up_proj, grouped_mm_offs)
+                    gate_up = indexed_bias_add(gate_up, self.gate_up_proj_bias, group_ids, grouped_mm_offs)
+                    return GroupedLinearFunc.apply(activate(gate_up), self.down_proj, grouped_mm_offs)
+
+            class GptOssMoE(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.experts = GptOssExperts(config, config.num_local_experts)
+
+            class GptOssDecoderLayer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    super().__init__()
+                    self.mlp = GptOssMoE(config)
+
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+            """,
+            profile="v2",
+            files=(("pithtrain/operators/token_scatter.py", _EXACT_SCATTER),),
+        ),
     ]
     INVALID = [
+        # v2: the same experts in a project whose scatter still over-allocates.
+        Invalid(
+            """
+            import torch
+            from torch import nn
+            from pithtrain.operators.grouped_linear import GroupedLinearFunc
+            from pithtrain.operators.indexed_bias_add import indexed_bias_add
+
+            class GptOssExperts(nn.Module):
+                def __init__(self, config, num_experts):
+                    super().__init__()
+                    self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * config.intermediate_size, config.hidden_size))
+                    self.gate_up_proj_bias = nn.Parameter(torch.zeros(num_experts, 2 * config.intermediate_size))
+                    self.down_proj = nn.Parameter(torch.empty(num_experts, config.hidden_size, config.intermediate_size))
+
+                def forward(self, x, grouped_mm_offs, ks=None, ks_tensor=None):  # [PTL301]
+                    group_ids = torch.searchsorted(grouped_mm_offs, torch.arange(x.shape[0], device=x.device), right=True)
+                    gate_up = GroupedLinearFunc.apply(x, self.gate_up_proj, grouped_mm_offs)
+                    gate_up = indexed_bias_add(gate_up, self.gate_up_proj_bias, group_ids, grouped_mm_offs)
+                    return GroupedLinearFunc.apply(activate(gate_up), self.down_proj, grouped_mm_offs)
+
+            class GptOssMoE(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.experts = GptOssExperts(config, config.num_local_experts)
+
+            class GptOssDecoderLayer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    super().__init__()
+                    self.mlp = GptOssMoE(config)
+
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+            """,
+            profile="v2",
+            files=(("pithtrain/operators/token_scatter.py", _PADDED_SCATTER),),
+        ),
         Invalid(
             """
             import torch
