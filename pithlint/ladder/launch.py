@@ -239,6 +239,7 @@ def _run_once(argv, cwd, env, log_path: Path, timeout_s: float, on_tick) -> Laun
             on_tick(elapsed)
             if elapsed > timeout_s:
                 left = kill_group(proc)
+                elapsed = time.monotonic() - started
                 return Launch(None, elapsed, log_path, timed_out=True, left_behind=left)
     except BaseException:  # Ctrl-C or an error in on_tick: never leave the group running
         kill_group(proc)

@@ -114,12 +114,10 @@ class RichView:
         self.live.update(grid)
 
     def finish(self, target: Target, check: Check, outcome: Outcome) -> None:
-        style = {"passed": "green", "failed": "bold red", "skipped": "yellow"}.get(outcome.status, "")
+        style = {"passed": "green", "failed": "bold red", "skipped": "yellow"}.get(outcome.status)
         text = _result_text(outcome)
-        self.live.console.print(
-            f"{self.title}: [{style}]{text}[/{style}] ({outcome.time_s:.1f} s)" if style else f"{self.title}: {text}",
-            highlight=False,
-        )
+        line = f"[{style}]{text}[/{style}] ({outcome.time_s:.1f} s)" if style else text
+        self.live.console.print(f"{self.title}: {line}", highlight=False)
         self.live.update("")
 
     def close(self) -> None:
@@ -173,7 +171,10 @@ def summary(results: list[ModelResult], wall_s: float) -> str:
     elif code == EXIT_FAILED:
         head = "FAILED"
     else:
-        head = "NOT PASSED: nothing failed, but not every selected check ran (skipped checks did not pass)"
+        head = (
+            "NOT PASSED: nothing failed, but not every selected check ran "
+            "(skipped checks did not pass)"
+        )
     return f"{head} ({parts}; {len(results)} model(s), {wall_s:.1f} s). Exit code {code}."
 
 
@@ -183,7 +184,8 @@ def diagnoses(results: list[ModelResult]) -> list[tuple[str, str]]:
     for result in results:
         for check, outcome in result.checks:
             if outcome.status == "failed":
-                out.append((f"{result.target.name}: tier {check.tier} {_check_name(check)}: {_result_text(outcome)}", outcome.message))
+                heading = f"{result.target.name}: tier {check.tier} {_check_name(check)}"
+                out.append((f"{heading}: {_result_text(outcome)}", outcome.message))
     return out
 
 
@@ -288,7 +290,8 @@ def report_junit(results: list[ModelResult], wall_s: float) -> str:
         }
 
     everything = [pair for r in results for pair in r.checks]
-    suites = ET.Element("testsuites", name="pithlint-ladder", **{**counts(everything), "time": f"{wall_s:.3f}"})
+    totals = {**counts(everything), "time": f"{wall_s:.3f}"}
+    suites = ET.Element("testsuites", name="pithlint-ladder", **totals)
     for result in results:
         name = _xml_text(result.target.name)
         suite = ET.SubElement(suites, "testsuite", name=name, **counts(result.checks))
@@ -302,10 +305,13 @@ def report_junit(results: list[ModelResult], wall_s: float) -> str:
             )
             if outcome.status == "failed":
                 tags = " ".join(t for t in (outcome.kind, outcome.code) if t)
-                failure = ET.SubElement(case, "failure", type=outcome.kind or "failed", message=_xml_text(tags))
+                failure = ET.SubElement(
+                    case, "failure", type=outcome.kind or "failed", message=_xml_text(tags)
+                )
                 failure.text = _xml_text(outcome.message)
             elif outcome.status in ("skipped", "not-run"):
                 ET.SubElement(case, "skipped", message=_xml_text(outcome.message))
     ET.indent(suites)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+    xml = ET.tostring(suites, encoding="unicode")
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + xml + "\n"
 

@@ -9,21 +9,23 @@ A user's repository describes its models in ``[tool.pithlint.ladder]`` of its
 ``pyproject.toml``::
 
     [tool.pithlint.ladder]
-    harness = "tests/test_fsdp.py"      # default: [tool.pithlint] harness
+    harness = "tests/test_fsdp.py"    # default: [tool.pithlint] harness
     models = { qwen3_moe = "examples/pretrain_language_model/qwen3_moe/tiny.json" }
-    command = "{python} -m torch.distributed.run --nproc-per-node={nproc} --master-port={port} {harness} --pp-size {pp} --ep-size {ep} --model {config}"
-    timeout = 900                       # seconds per rung (default: --timeout)
+    command = "{python} -m torch.distributed.run --nproc-per-node={nproc} --master-port={port} {harness} --pp-size {pp} --ep-size {ep} --model {config} --result-dir {result_dir}"
+    timeout = 900                     # seconds per check; --timeout overrides it
 
-``command`` is the launch template of one rung (the default is the one shown). Its
-placeholders: ``{python}`` ``{nproc}`` ``{port}`` ``{harness}`` ``{pp}`` ``{ep}``
-``{config}`` ``{device}`` ``{result_dir}`` ``{collective_timeout}`` (seconds: the rung's
-limit plus a minute, for a harness flag that bounds its collectives). When it passes ``{result_dir}`` to a harness that
-writes the rank files of ``pithlint/ladder/diagnosis.py``, those are read; otherwise the
-harness's ``[INFO]``/``[warn]``/``[ERROR]`` lines are (upstream PithTrain's harness).
+``command`` is the launch template of one rung (default: ``DEFAULT_COMMAND``); it is split
+like a shell command line, then each word is filled in. Placeholders: ``{python}``
+``{nproc}`` ``{port}`` ``{harness}`` ``{pp}`` ``{ep}`` ``{config}`` ``{device}``
+``{result_dir}`` ``{collective_timeout}`` (the rung's limit plus a minute, for a harness
+flag that bounds its collectives). When it passes ``{result_dir}`` to a harness that writes
+the rank files of ``pithlint/ladder/diagnosis.py``, those are read; otherwise the harness's
+``[INFO]``/``[warn]``/``[ERROR]`` lines are (upstream PithTrain's harness).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import string
@@ -47,7 +49,8 @@ DEFAULT_COMMAND = (
 # The embedded harness also takes the device, the result channel and a collective timeout
 # longer than the rung's hard limit (so that the runner's limit decides a hang).
 EMBEDDED_COMMAND = (
-    DEFAULT_COMMAND + " --device {device} --result-dir {result_dir} --timeout-s {collective_timeout}"
+    DEFAULT_COMMAND
+    + " --device {device} --result-dir {result_dir} --timeout-s {collective_timeout}"
 )
 PLACEHOLDERS = {
     "python", "nproc", "port", "harness", "pp", "ep", "config", "device", "result_dir",
@@ -124,13 +127,16 @@ def validate_ladder_table(table: dict, settings: Settings) -> dict:
     for key, value in table.items():
         expected = LADDER_KEYS.get(key)
         if expected is None:
-            raise ConfigError(f"{origin}: unknown key '{key}' (known keys: {', '.join(sorted(LADDER_KEYS))})")
+            known = ", ".join(sorted(LADDER_KEYS))
+            raise ConfigError(f"{origin}: unknown key '{key}' (known keys: {known})")
         if not isinstance(value, expected) or isinstance(value, bool):
             kind = "a number" if key == "timeout" else f"a {expected.__name__}"
             raise ConfigError(f"{origin}: '{key}' must be {kind}")
     harness = table.get("harness", settings.project_paths.get("harness"))
     if harness is None:
-        raise ConfigError(f"{origin}: set 'harness' (or [tool.pithlint] harness) to the rung script")
+        raise ConfigError(
+            f"{origin}: set 'harness' (or [tool.pithlint] harness) to the rung script"
+        )
     models = table.get("models", {})
     for name, config in models.items():
         if not isinstance(config, str):
@@ -194,7 +200,10 @@ def resolve_targets(
     ladder = _project_ladder(settings)
     if not models:
         if ladder is not None and ladder["models"]:
-            targets = [_project_target(n, Path(c), settings, ladder) for n, c in ladder["models"].items()]
+            targets = [
+                _project_target(name, Path(config), settings, ladder)
+                for name, config in ladder["models"].items()
+            ]
         else:
             targets = embedded_targets()
     else:
@@ -209,7 +218,8 @@ def resolve_targets(
 
 
 def _with_model_file(target: Target, model_file: Path) -> Target:
-    return Target(**{**target.__dict__, "model_file": model_file, "name": f"{target.name} ({model_file.name})"})
+    name = f"{target.name} ({model_file.name})"
+    return dataclasses.replace(target, model_file=model_file, name=name)
 
 
 def _resolve_one(model: str, settings: Settings, ladder: Optional[dict]) -> Target:

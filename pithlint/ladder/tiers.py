@@ -116,15 +116,15 @@ class Tier:
 def rank_env(placement: Placement, options: Options) -> dict[str, str]:
     env = dict(os.environ, **placement.env())
     env["PITHTRAIN_POISON_UNINITIALIZED"] = "1" if options.poison else "0"
+    if placement.device == "cpu":
+        # Compile in-process: on a small CPU machine inductor's worker pool costs more to
+        # start, in every rank, than the tiny graphs take to compile.
+        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     return env
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
+    return "\n".join(_read_text(path).rstrip().splitlines()[-lines:])
 
 
 def _read_results(result_dir: Path) -> tuple[list[dict], dict[int, str], Optional[str]]:
@@ -154,9 +154,11 @@ def _read_text(path: Path) -> str:
         return ""
 
 
-def _launch(ctx: CheckContext, check: Check, argv_for_port, placement: Placement, structured: bool) -> tuple[Launch, Path]:
+def _launch(
+    ctx: CheckContext, check: Check, argv_for_port, placement: Placement, structured: bool
+) -> Launch:
     result_dir = ctx.result_dir(check)
-    launch = run_group(
+    return run_group(
         argv_for_port,
         cwd=ctx.target.root,
         env=rank_env(placement, ctx.options),
@@ -165,10 +167,16 @@ def _launch(ctx: CheckContext, check: Check, argv_for_port, placement: Placement
         on_tick=lambda elapsed: ctx.view.tick(elapsed, _tick_progress(result_dir, structured)),
         use_port=check.rung is not None,
     )
-    return launch, result_dir
 
 
-def _hang(ctx: CheckContext, what: str, launch: Launch, records: list[dict], progress: dict[int, str], world: int) -> tuple[str, dict]:
+def _hang(
+    ctx: CheckContext,
+    what: str,
+    launch: Launch,
+    records: list[dict],
+    progress: dict[int, str],
+    world: int,
+) -> tuple[str, dict]:
     """The message for a check killed at its time limit, and the per-rank state."""
     finished = {r.get("rank"): r.get("status") for r in records}
     lines = [
@@ -227,7 +235,9 @@ def run_lint(ctx: CheckContext, check: Check) -> Outcome:
 
     target = ctx.target
     run = LintRun.create(load_settings(None, target.root))
-    model_file = target.model_file or target.root / run.profile.models_dir / f"{target.model_type}.py"
+    model_file = target.model_file or (
+        target.root / run.profile.models_dir / f"{target.model_type}.py"
+    )
     if not model_file.is_file():
         return Outcome(
             "skipped",
@@ -288,11 +298,12 @@ def run_reference(ctx: CheckContext, check: Check) -> Outcome:
     ]  # fmt: skip
     if target.model_file is not None:
         argv += ["--model-file", str(target.model_file)]
-    launch, result_dir = _launch(ctx, check, lambda _port: argv, placement, structured=True)
+    launch = _launch(ctx, check, lambda _port: argv, placement, structured=True)
     records, progress, read_error = _read_results(result_dir)
     details = _launch_details(launch, placement, result_dir)
     if launch.timed_out:
-        message, details["ranks"] = _hang(ctx, "The single-process check", launch, records, progress, 1)
+        what = "The single-process check"
+        message, details["ranks"] = _hang(ctx, what, launch, records, progress, 1)
         return Outcome("failed", message, kind="hang", details=details)
     if not records:
         message = read_error or "The check wrote no result."
@@ -308,12 +319,15 @@ def run_reference(ctx: CheckContext, check: Check) -> Outcome:
         "passed", worst_diff=logits_diff, worst_param="logits", details=details
     )
     if record.get("status") == "passed":
-        outcome.message = "Losses and logits of the 5-stage path match reference_forward; gradients are finite."
+        outcome.message = (
+            "Losses and logits of the 5-stage path match reference_forward; gradients are finite."
+        )
         return outcome
     outcome.status = "failed"
     if record.get("status") == "error" or record.get("loss_ok") is False:
         verdict = diagnose([record], progress, world_size=1)
-        outcome.kind, outcome.code, outcome.message = verdict.kind, verdict.code or "PTR010", verdict.message
+        outcome.kind, outcome.message = verdict.kind, verdict.message
+        outcome.code = verdict.code or "PTR010"
     elif not record.get("logits_ok"):
         outcome.kind, outcome.code = "logits-mismatch", "PTR010"
         outcome.message = (
@@ -350,7 +364,10 @@ def suspect(failed: tuple[int, int], passed: set[tuple[int, int]]) -> str:
     unproven = [r for r in below if r not in passed]
     adds = "; ".join(RUNG_ADDS[r] for r in unproven)
     if not passed & set(below):
-        return f"No smaller rung passed in this run, so every dimension up to {_name(failed)} is a suspect: {adds}."
+        return (
+            f"No smaller rung passed in this run, so every dimension up to {_name(failed)} is a "
+            f"suspect: {adds}."
+        )
     proven = ", ".join(_name(r) for r in below if r in passed)
     return f"Rung(s) {proven} passed, so the suspect is what {_name(failed)} adds: {adds}."
 
@@ -378,7 +395,7 @@ def run_rung(ctx: CheckContext, check: Check) -> Outcome:
         "result_dir": result_dir,
         "collective_timeout": int(ctx.timeout_s) + 60,
     }
-    launch, _ = _launch(
+    launch = _launch(
         ctx,
         check,
         lambda port: target.rung_argv({**values, "port": port}),
@@ -407,7 +424,8 @@ def run_rung(ctx: CheckContext, check: Check) -> Outcome:
     }
     outcome = Outcome("passed", worst_diff=worst_diff, worst_param=worst_param, details=details)
     if launch.timed_out:
-        outcome.message, details["ranks"] = _hang(ctx, f"Rung {_name(check.rung)}", launch, records, progress, world)
+        what = f"Rung {_name(check.rung)}"
+        outcome.message, details["ranks"] = _hang(ctx, what, launch, records, progress, world)
         outcome.status, outcome.kind = "failed", "hang"
     else:
         verdict = diagnose(records, progress, world_size=world)
@@ -418,7 +436,9 @@ def run_rung(ctx: CheckContext, check: Check) -> Outcome:
     return outcome
 
 
-def _apply_verdict(outcome: Outcome, verdict: Verdict, launch: Launch, read_error: Optional[str]) -> None:
+def _apply_verdict(
+    outcome: Outcome, verdict: Verdict, launch: Launch, read_error: Optional[str]
+) -> None:
     if verdict.passed and launch.returncode == 0:
         outcome.message = verdict.message
         return
@@ -438,7 +458,8 @@ def _apply_verdict(outcome: Outcome, verdict: Verdict, launch: Launch, read_erro
     if read_error:
         outcome.message += f"\n{read_error}"
     if outcome.kind in ("missing-results", "launcher-error"):
-        outcome.message += f"\nLast lines of the log ({launch.log_path}):\n{log_tail(launch.log_path)}"
+        tail = log_tail(launch.log_path)
+        outcome.message += f"\nLast lines of the log ({launch.log_path}):\n{tail}"
 
 
 # ---------------------------------------------------------------------------- registry

@@ -48,7 +48,9 @@ _MISMATCH = re.compile(
     + _TENSOR.format("ref"),
     re.S,
 )
-_ALL_ZERO = re.compile(r"\[warn\] rank-(?P<rank>\d+), Parameter (?P<name>\S+) has all-zero gradient")
+_ALL_ZERO = re.compile(
+    r"\[warn\] rank-(?P<rank>\d+), Parameter (?P<name>\S+) has all-zero gradient"
+)
 _COMPLETED = re.compile(
     rf"\[INFO\] rank-(?P<rank>\d+), Gradient check completed\. Largest diff = (?P<diff>{_NUMBER}) "
     r"for param (?P<name>\S+?)\.?$",
@@ -85,7 +87,9 @@ def last_info(text: str) -> Optional[str]:
     return found[-1].strip() if found else None
 
 
-def records_from_log(text: str, world_size: int, returncode: Optional[int], rung: dict) -> list[dict]:
+def records_from_log(
+    text: str, world_size: int, returncode: Optional[int], rung: dict
+) -> list[dict]:
     """Rank records (``diagnosis`` format, the fields the lines give) from a harness log.
 
     ``rung`` holds ``pp_size`` and ``ep_size``, copied into every record.
@@ -95,9 +99,8 @@ def records_from_log(text: str, world_size: int, returncode: Optional[int], rung
 
     def record(rank: int) -> dict:
         if rank not in ranks:
-            ranks[rank] = {
-                "rank": rank, "world_size": world_size, **rung, "params": [], "eps": 1e-2, "status": None
-            }  # fmt: skip
+            ranks[rank] = {"rank": rank, "world_size": world_size, **rung}
+            ranks[rank].update(params=[], eps=1e-2, status=None)
         return ranks[rank]
 
     for m in _LOSS.finditer(text):
@@ -169,7 +172,9 @@ def records_from_log(text: str, world_size: int, returncode: Optional[int], rung
         crashed = int(root_cause.group(1)) if root_cause else (silent or [None])[0]
         if crashed is not None and record(crashed)["status"] is None:
             rec = record(crashed)
-            tracebacks = [t for t in _TRACEBACK.findall(text) if "torch/distributed/run.py" not in t]
+            tracebacks = [
+                t for t in _TRACEBACK.findall(text) if "torch/distributed/run.py" not in t
+            ]
             rec["status"] = "error"
             rec["traceback"] = tracebacks[0] if tracebacks else ""
             lines = rec["traceback"].strip().splitlines()

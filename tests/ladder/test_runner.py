@@ -285,6 +285,25 @@ def test_port_taken_after_the_probe_is_retried_on_a_fresh_port(tmp_path, monkeyp
     assert "rank 0" in result.log_path.read_text()
 
 
+def test_time_limit_kills_the_whole_group_even_when_sigterm_is_ignored(tmp_path, monkeypatch):
+    """SIGTERM first; whatever ignores it (here a parent and its child) gets SIGKILL."""
+    monkeypatch.setattr(launch, "KILL_GRACE_S", 1.0)
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    script = f"{sys.executable} -c '{stubborn}' & {sys.executable} -c '{stubborn}'; wait"
+    result = launch.run_group(
+        lambda port: ["sh", "-c", script],
+        cwd=tmp_path,
+        env=dict(os.environ),
+        result_dir=tmp_path / "out",
+        timeout_s=2,
+        on_tick=lambda elapsed: None,
+        use_port=False,
+    )
+    assert result.timed_out and result.returncode is None and result.left_behind == []
+    assert result.elapsed_s < 10
+    assert processes_mentioning(stubborn) == []
+
+
 def test_rung_and_tier_selection():
     assert parse_rungs("2x2, 1/1") == ((1, 1), (2, 2))  # always in ladder order
     assert parse_tiers("4,0") == (0, 4)
