@@ -61,10 +61,11 @@ from pithlint.ladder.targets import CHECKOUT, EXAMPLES, TINY, embedded_targets
 CONVERTER_MODULE = "pithtrain.tasks.convert_checkpoint"
 
 PARITY_TOL = 1e-4
-# Knob -> a value off the tiny configs' (and transformers' defaults), set where the config
-# has the knob. rope_theta lives in rope_parameters. norm_topk_prob: the qwen3_moe tiny
-# config renormalises; deepseek_v2's is already False, the one value on which transformers'
-# port (which always scales by routed_scaling_factor) and DeepSeek's routing agree.
+# Knob -> a value off the tiny configs', set where the config has the knob (rope_theta lives
+# in rope_parameters); each moves the logits far past the tolerance, so a model that
+# hard-codes the tiny value fails. norm_topk_prob: qwen3_moe's tiny config renormalises
+# (tests/framework compares that case); deepseek_v2's is already False, the one value on
+# which transformers' port (it always scales by routed_scaling_factor) and DeepSeek agree.
 VARIED = {
     "rope_theta": 2000.0,
     "rms_norm_eps": 1e-2,
