@@ -148,6 +148,19 @@ class TransposeOutsideExport(Rule):
             """,
             example_path="pithtrain/tasks/convert_checkpoint.py",
         ),
+        # v2 converter class: the import direction transposes too.
+        Invalid(
+            """
+            class GptOssConverter:
+                def hf2dcp(self, load_path, save_path, stdout):
+                    return {k: v.transpose(-2, -1) for k, v in read(load_path).items()}  # [PTL601]
+
+                def postprocess_canonical(self, canonical, stdout):
+                    return {k: v.transpose(-2, -1) for k, v in canonical.items()}
+            """,
+            profile="v2",
+            example_path="pithtrain/tasks/convert_checkpoint/gpt_oss.py",
+        ),
     ]
 
 
@@ -263,8 +276,26 @@ class RenamedCheckpointKey(Rule):
             """,
             example_path="pithtrain/tasks/convert_checkpoint.py",
         ),
+        Valid(
+            """
+            class Qwen35MoeConverter:
+                def hf2dcp(self, load_path, save_path, stdout):
+                    return {key.removeprefix("model.language_model."): t for key, t in read(load_path).items()}
+            """,
+            profile="v2",
+            example_path="pithtrain/tasks/convert_checkpoint/qwen35_moe.py",
+        ),
     ]
     INVALID = [
+        Invalid(
+            """
+            class Qwen35MoeConverter:
+                def hf2dcp(self, load_path, save_path, stdout):
+                    return {key.replace(".mlp.router.", ".mlp.gate."): t for key, t in read(load_path).items()}  # [PTL602]
+            """,
+            profile="v2",
+            example_path="pithtrain/tasks/convert_checkpoint/qwen35_moe.py",
+        ),
         Invalid(
             """
             import re
@@ -626,6 +657,17 @@ class CheckpointLoadedToGpu(Rule):
             """,
             example_path="pithtrain/tasks/convert_checkpoint.py",
         ),
+        Valid(
+            """
+            from safetensors import safe_open
+
+            def read_shard(path, wanted):
+                with safe_open(path, framework="pt", device="cpu") as f:
+                    return {k: f.get_tensor(k).cuda() for k in f.keys() if k in wanted}
+            """,
+            profile="v2",
+            example_path="pithtrain/tasks/convert_checkpoint/_core.py",
+        ),
     ]
     INVALID = [
         Invalid(
@@ -642,5 +684,16 @@ class CheckpointLoadedToGpu(Rule):
                     return sd
             """,
             example_path="tests/test_inference.py",
+        ),
+        Invalid(
+            """
+            from safetensors import safe_open
+
+            def read_shard(path):
+                with safe_open(path, framework="pt", device=f"cuda:{distributed.local_rank}") as f:  # [PTL604]
+                    return {k: f.get_tensor(k) for k in f.keys()}
+            """,
+            profile="v2",
+            example_path="pithtrain/tasks/convert_checkpoint/_core.py",
         ),
     ]
