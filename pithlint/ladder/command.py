@@ -56,7 +56,7 @@ def parse_tiers(text: str) -> tuple[int, ...]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("models", nargs=-1)
 @click.option("--rungs", default=",".join(f"{p}x{e}" for p, e in RUNGS), show_default=True, help="Tier-4 rungs (pp x ep) to run; they always run in ladder order.")
-@click.option("--tiers", default=",".join(str(t.number) for t in TIERS), show_default=True, help="Tiers to run (0: static lint, 3: reference vs 5-stage in one process, 4: the pp/ep rungs).")
+@click.option("--tiers", default=",".join(str(t.number) for t in TIERS), show_default=True, help="Tiers to run (" + "; ".join(f"{t.number}: {t.title}" for t in TIERS) + ").")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: CUDA when nvidia-smi lists a GPU, else CPU (gloo, every rung runs).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=None, help="Hard limit per check in seconds; past it the process group is killed and the check reported as a hang. [default: the project's 'timeout', else 600]")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, writable=True), help="Write the JSON report to FILE.")
@@ -67,9 +67,10 @@ def parse_tiers(text: str) -> tuple[int, ...]:
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the ranks' result files and logs go. [default: a new temporary folder, kept]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="Read [tool.pithlint] (and its ladder table) from this TOML file.")
 def ladder_command(models, rungs, tiers, device, timeout_s, json_file, junit_file, keep_going, poison, model_file, work_dir, config_file):
-    """Run models through the runtime ladder: static lint (tier 0), reference vs 5-stage in
-    one process (tier 3, PTR010) and the pp/ep rungs 1x1, 2x1, 1x2, 2x2 (tier 4,
-    PTR011-PTR014), each against a single-stage reference, with a diagnosis per failure.
+    """Run models through the runtime ladder, tier by tier (see --tiers), each check a
+    gate for the next, with a diagnosis for every failure. Tier 3 compares
+    reference_forward with the 5-stage path in one process (PTR010); tier 4 runs the pp/ep
+    rungs 1x1, 2x1, 1x2, 2x2 against a single-stage reference (PTR011-PTR014).
 
     MODEL is a model_type or example folder of the embedded models, an example config
     path, or a model of [tool.pithlint.ladder] in the project's pyproject.toml. Without

@@ -3,7 +3,7 @@
 The end-to-end runs go through the real command line in a subprocess and assert the JSON
 report (the runner's structured output), never its human-readable text alone:
 
-- qwen3_moe passes every tier and all four rungs;
+- qwen3_moe passes tiers 0, 3 and all four rungs of tier 4;
 - each broken fixture of tests/fixtures/ladder fails at its rung with its diagnosis, and
   the ones a single process can see fail earlier, at tier 3;
 - a fixture whose rank 1 deadlocks is killed at the time limit and reported as a hang,
@@ -88,11 +88,14 @@ def processes_mentioning(text: str) -> list[str]:
 def qwen3_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qwen3")
     junit = tmp / "ladder.xml"
-    code, output, report = run_ladder(tmp, "qwen3_moe", "--device", "cpu", "--junit-xml", str(junit))
+    # Tier 5 (Hugging Face parity) has tests of its own (tests/ladder/test_parity.py).
+    code, output, report = run_ladder(
+        tmp, "qwen3_moe", "--device", "cpu", "--tiers", "0,3,4", "--junit-xml", str(junit)
+    )
     return code, output, report, junit, tmp
 
 
-def test_qwen3_moe_passes_every_tier_and_rung(qwen3_run):
+def test_qwen3_moe_passes_tiers_0_3_and_every_rung(qwen3_run):
     code, output, report, _, _ = qwen3_run
     assert code == 0, output
     assert report["exit_code"] == 0 and report["device"] == "cpu"
