@@ -45,7 +45,7 @@ import sys
 import tempfile
 import weakref
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 from importlib.machinery import PathFinder
 from pathlib import Path, PurePosixPath
@@ -68,9 +68,9 @@ if TYPE_CHECKING:
 SEARCH_PATH: list[str] | None = None
 
 # Bump when the extracted facts change shape: cache entries of another shape are ignored.
-FACTS_VERSION = 3
+FACTS_VERSION = 4
 
-HF_CODES = "PTL154's HF comparison, PTL501, PTL502, PTL505"
+HF_CODES = "PTL154's HF comparison, PTL501, PTL502, PTL503's HF defaults, PTL505"
 
 _PARAMETER = frozenset({"torch.nn.Parameter", "torch.nn.parameter.Parameter"})
 _BUFFER = frozenset({"torch.nn.Buffer", "torch.nn.parameter.Buffer"})
@@ -135,9 +135,10 @@ class HFModel:
 
 def class_facts(classes: dict[str, ClassInfo], imports: ImportTable) -> dict[str, ClassFacts]:
     """The facts of every class of one module (HF's modeling file or a model file of ours)."""
-    raw: dict[str, tuple[ClassInfo, dict[str, bool], dict[str, list[str]], list[str]]] = {}
+    # name -> (info, attribute -> carries state by itself, children, parameters, optional)
+    raw: dict[str, tuple[ClassInfo, dict[str, bool], dict[str, list[str]], list[str], list[str]]] = {}
     for name, info in classes.items():
-        direct: dict[str, bool] = {}  # attribute -> carries state by itself
+        direct: dict[str, bool] = {}
         children: dict[str, list[str]] = {}
         parameters = []
         optional = []
@@ -285,6 +286,9 @@ def _config_class(node: cst.ClassDef, module: cst.Module, reads: set[str]) -> Co
                 value = _literal(param.default, module)
                 if value is not _NOT_LITERAL:
                     defaults[param.name.value] = value
+    # The block a field stands for when the config leaves it out: a dict default (older
+    # transformers), or a dict the config fills in when the field is None.
+    nested.update({k: v for k, v in defaults.items() if isinstance(v, dict)})
     for method in methods.values():
         for assign in walk(method):
             if isinstance(assign, cst.Assign) and isinstance(assign.value, cst.Dict):

@@ -86,6 +86,39 @@ def _distinctive(value: object) -> bool:
     return isinstance(value, str) and bool(value)
 
 
+def _hf_defaults(project, model_types: list[str], configs: list[ExampleConfig]) -> dict[object, str]:
+    """value -> (key, origin) of the distinctive defaults of HF's config class for numerics
+    keys (those its modeling file reads) that no example config sets."""
+    given = {k for c in configs for k in c.data}
+    values: dict[object, tuple[str, str]] = {}
+    for model_type in model_types:
+        hf = project.hf.model(model_type) if project.hf.knows(model_type) else None
+        if hf is None or hf.config is None:
+            continue
+        config = hf.config
+        defaults = {k: config.defaults[k] for k in config.read if k in config.defaults}
+        for block, nested in config.nested.items():
+            if block not in given and _LEGACY_BLOCKS.get(block) not in given:
+                defaults.update({f"{block}.{k}": v for k, v in nested.items()})
+        for key, value in defaults.items():
+            names = {key, *(a for a, f in config.aliases.items() if f == key)}
+            if key.split(".")[0] in _NON_NUMERIC_KEYS or names & given or not _distinctive(value):
+                continue
+            values.setdefault(value, (key, f"HF's {config.name} defaults (transformers {hf.version})"))
+    return values
+
+
+def _named_constants(module: cst.Module) -> set[int]:
+    """ids of the literals of module-level ``UPPER_CASE = <literal>`` assignments."""
+    found = set()
+    for statement in module.body:
+        if isinstance(statement, cst.SimpleStatementLine):
+            for small in statement.body:
+                if isinstance(small, cst.Assign) and all(isinstance(t.target, cst.Name) and t.target.value.isupper() for t in small.targets):
+                    found.update(id(n) for n in walk(small.value))
+    return found
+
+
 def _exempt_literals(ctx) -> set[int]:
     """ids of literal nodes that are not hard-coded values: parameter defaults, fallbacks of
     ``getattr(obj, k, default)`` / ``d.get(k, default)``, attribute names, comparison operands
@@ -157,8 +190,10 @@ class HardCodedConfigValue(Rule):
 
     Where it comes from:
     Upstream PithTrain ports that ignored routing knobs of the DeepSeek config and hard-wired
-    the rotary type; this part of the rule reads the example configs, a later part adds the
-    defaults of Hugging Face's config classes.
+    the rotary type. With ``transformers`` installed, the defaults of Hugging Face's config
+    class for the ``model_type`` count too, for the numerics keys no example config sets (a
+    module-level UPPER_CASE constant with its source, PTL504's form, may hold one of those:
+    it documents a family constant that older configs do not carry).
     """
 
     code = "PTL503"
@@ -173,14 +208,23 @@ class HardCodedConfigValue(Rule):
             return
         module = project.module_name(self.ctx.path)
         configs: list[ExampleConfig] = []
+        model_types = []
         for model in models:
             model_type = project.model_type_of(f"{module}.{model.name}")
             if model_type is not None:
+                model_types.append(model_type)
                 configs += project.configs_for(model_type)
-        if not configs:
-            return
-        self._check_literals(configs)
-        self._check_unread_keys(configs, models[0])
+        values: dict[object, tuple[str, str, bool]] = {}
+        for config in configs:
+            for key, value in _flatten(config.data).items():
+                if key.split(".")[0] not in _NON_NUMERIC_KEYS and _distinctive(value):
+                    values.setdefault(value, (key, config.relative, False))
+        for value, (key, origin) in _hf_defaults(project, model_types, configs).items():
+            values.setdefault(value, (key, origin, True))
+        if values:
+            self._check_literals(values)
+        if configs:
+            self._check_unread_keys(configs, models[0])
 
     def _code_words(self) -> set[str]:
         """Names, attribute names and string values of the model file (comments excluded)."""
@@ -189,22 +233,19 @@ class HardCodedConfigValue(Rule):
         words.update(filter(None, map(string_value, self.ctx.nodes(cst.SimpleString))))
         return words
 
-    def _check_literals(self, configs: list[ExampleConfig]) -> None:
-        values: dict[object, tuple[str, str]] = {}
-        for config in configs:
-            for key, value in _flatten(config.data).items():
-                if key.split(".")[0] not in _NON_NUMERIC_KEYS and _distinctive(value):
-                    values.setdefault(value, (key, config.relative))
-        if not values:
-            return
+    def _check_literals(self, values: dict[object, tuple[str, str, bool]]) -> None:
+        """``values``: value -> (key, where it is set, whether that is HF's default)."""
         exempt = _exempt_literals(self.ctx)
+        constants = _named_constants(self.ctx.module)
         for node_type in (cst.Integer, cst.Float, cst.SimpleString):
             for node in self.ctx.nodes(node_type):
                 if id(node) in exempt:
                     continue
                 value = string_value(node) if node_type is cst.SimpleString else number_value(node)
                 if value is not None and value in values:
-                    key, origin = values[value]
+                    key, origin, hf_default = values[value]
+                    if hf_default and id(node) in constants:
+                        continue
                     self.report(node, f"{self.ctx.module.code_for_node(node)} is the value of {key!r} in {origin}: read it from the config")
 
     def _check_unread_keys(self, configs: list[ExampleConfig], model) -> None:
