@@ -690,7 +690,10 @@ class ExampleConfigDrift(Rule):
     ``block.key``, fnmatch patterns)::
 
         [tool.pithlint.allowlist]
-        config-keys = ["max_position_embeddings"]
+        config-keys = ["rope_parameters.original_max_position_embeddings"]
+
+    The v2 profile allowlists ``max_position_embeddings``: upstream's ``setup_model`` sets it
+    to the training length, so its example configs leave it out.
 
     Where it comes from:
     Example configs copied from an older checkpoint or trimmed by hand lost keys the
