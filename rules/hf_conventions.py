@@ -274,6 +274,12 @@ class HardCodedConfigValue(Rule):
         '{"model_type": "example", "hidden_size": 64, "rms_norm_eps": 1e-06, "topk_method": "group_limited_greedy",'
         ' "n_group": 4, "topk_group": 2, "bos_token_id": 100000, "rope_scaling": {"type": "yarn", "factor": 40.0}}',
     )
+    # v2 keeps example configs under examples/pretrain_lm, rotary settings in rope_scaling.
+    _CONFIG_V2 = (
+        "examples/pretrain_lm/example/config.json",
+        '{"model_type": "example", "hidden_size": 64, "swiglu_limit": 7.0,'
+        ' "rope_scaling": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0}}',
+    )
     VALID = [
         Valid(
             """
@@ -306,8 +312,64 @@ class HardCodedConfigValue(Rule):
             """,
             files=(_TRAINING, _CONFIG),
         ),
+        Valid(
+            """
+            from torch import nn
+
+            class ExampleExperts(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.swiglu_limit = float(config.swiglu_limit)
+
+            class ExampleRotary(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    match config.rope_scaling["rope_type"]:
+                        case "yarn":
+                            self.base = config.rope_scaling["rope_theta"]
+                            self.factor = config.rope_scaling["factor"]
+                        case other:
+                            raise ValueError(f"unsupported rope_type: {other!r}")
+
+            class ExampleLayer(nn.Module):
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+            class ExampleModel(nn.Module):
+                def __init__(self, config, phase):
+                    super().__init__()
+                    self.layers = nn.ModuleDict()
+            """,
+            profile="v2",
+            files=(_TRAINING, _CONFIG_V2),
+        ),
     ]
     INVALID = [
+        # v2: the clamp limit inlined, and the rotary type never read (a hard-wired YaRN).
+        Invalid(
+            """
+            from torch import nn
+
+            class ExampleExperts(nn.Module):
+                def forward(self, x):
+                    return clamped_swiglu(x, 7.0)  # [PTL503]
+
+            class ExampleRotary(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.base = config.rope_scaling["rope_theta"]
+                    self.factor = config.rope_scaling["factor"]
+
+            class ExampleLayer(nn.Module):
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+            class ExampleModel(nn.Module):  # [PTL503]
+                def __init__(self, config, phase):
+                    super().__init__()
+                    self.layers = nn.ModuleDict()
+            """,
+            profile="v2",
+            files=(_TRAINING, _CONFIG_V2),
+        ),
         Invalid(
             """
             from torch import nn
@@ -409,6 +471,10 @@ class Qwen3MoeModel(nn.Module):
         self.rotary_emb = Qwen3MoeRotaryEmbedding(config)
 '''
 QWEN3_MOE_PATH = "pithtrain/models/qwen3_moe.py"
+# The same port in the v2 layout (stage names and the model constructor of the engine refactor).
+QWEN3_MOE_EXAMPLE_V2 = QWEN3_MOE_EXAMPLE.replace(
+    "def forward_attn(self, hidden_states): ...", "def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ..."
+).replace("def __init__(self, config, num_stages, stage_id):", "def __init__(self, config, phase):")
 
 
 def _hf_label(conf: Conformance, name: str) -> str:
@@ -488,6 +554,8 @@ class HfClassName(Rule):
     VALID = [
         # Upstream's names for the MoE block and the router are in the v1 profile's allowlist.
         Valid(QWEN3_MOE_EXAMPLE, example_path=QWEN3_MOE_PATH),
+        # The same names are in the v2 profile's allowlist.
+        Valid(QWEN3_MOE_EXAMPLE_V2, example_path=QWEN3_MOE_PATH, profile="v2"),
     ]
     INVALID = [
         Invalid(
@@ -495,6 +563,12 @@ class HfClassName(Rule):
             .replace("= Qwen3MoeAttention(config", "= Qwen3MoeSelfAttention(config")
             .replace("class Qwen3MoeModel(nn.Module):", "class Qwen3MoeTransformer(nn.Module):  # [PTL501]"),
             example_path=QWEN3_MOE_PATH,
+        ),
+        Invalid(
+            QWEN3_MOE_EXAMPLE_V2.replace("class Qwen3MoeDecoderLayer(nn.Module):", "class Qwen3MoeBlock(nn.Module):  # [PTL501]")
+            .replace("Qwen3MoeDecoderLayer(config, i)", "Qwen3MoeBlock(config, i)"),
+            example_path=QWEN3_MOE_PATH,
+            profile="v2",
         ),
     ]
 
@@ -630,8 +704,14 @@ class HfAttributeName(Rule):
 
     VALID = [
         Valid(QWEN3_MOE_EXAMPLE, example_path=QWEN3_MOE_PATH),
+        Valid(QWEN3_MOE_EXAMPLE_V2, example_path=QWEN3_MOE_PATH, profile="v2"),
     ]
     INVALID = [
+        Invalid(
+            QWEN3_MOE_EXAMPLE_V2.replace("self.q_norm = Qwen3MoeRMSNorm", "self.query_norm = Qwen3MoeRMSNorm  # [PTL502]"),
+            example_path=QWEN3_MOE_PATH,
+            profile="v2",
+        ),
         Invalid(
             QWEN3_MOE_EXAMPLE.replace(
                 "        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * inner, hidden))\n",
@@ -773,6 +853,7 @@ class ExampleConfigDrift(Rule):
         return f"; default {json.dumps(value)}"
 
     _CONFIG = "examples/pretrain_language_model/qwen3_moe/config.json"
+    _CONFIG_V2 = "examples/pretrain_lm/qwen3_moe/config.json"
     _KEYS = {
         "model_type": "qwen3_moe",
         "attention_bias": False,
@@ -802,8 +883,22 @@ class ExampleConfigDrift(Rule):
             example_path=QWEN3_MOE_PATH,
             files=((_CONFIG, json.dumps({**{k: v for k, v in _KEYS.items() if k != "rope_parameters"}, "rope_scaling": None, "rope_theta": 1e6}, indent=2)),),
         ),
+        # v2: configs under examples/pretrain_lm; max_position_embeddings is left to
+        # setup_model (the v2 profile allowlists it).
+        Valid(
+            QWEN3_MOE_EXAMPLE_V2,
+            example_path=QWEN3_MOE_PATH,
+            profile="v2",
+            files=((_CONFIG_V2, json.dumps({k: v for k, v in _KEYS.items() if k != "max_position_embeddings"}, indent=2)),),
+        ),
     ]
     INVALID = [
+        Invalid(
+            QWEN3_MOE_EXAMPLE_V2,
+            example_path=QWEN3_MOE_PATH,
+            profile="v2",
+            files=((_CONFIG_V2, json.dumps({k: v for k, v in _KEYS.items() if k != "rms_norm_eps"}, indent=2)),),
+        ),
         # The finding is in config.json: it lacks norm_topk_prob (the model would fall back
         # to HF's default, False, where Qwen3-30B-A3B normalises its top-k weights).
         Invalid(

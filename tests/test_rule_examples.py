@@ -16,6 +16,7 @@ from pithlint import registry
 from pithlint.config import Settings
 from pithlint.engine import LintRun
 from pithlint.fixes import APPLICABILITIES, fix_file
+from pithlint.profiles import V2
 
 RULES = registry.all_rules()
 MARKER = re.compile(r"[ \t]*#\s*\[PTL\d{3}\]")
@@ -49,6 +50,15 @@ def test_every_rule_has_examples():
     for rule in RULES:
         assert rule.VALID, f"{rule.code} has no VALID example"
         assert rule.INVALID, f"{rule.code} has no INVALID example"
+
+
+def test_every_rule_that_runs_under_v2_has_v2_examples():
+    """Real upstream repositories use the v2 layout: a rule that runs there shows it on v2 code."""
+    for rule in RULES:
+        if "v2" not in rule.eras or rule.code in V2.disabled_rules:
+            continue
+        assert any(e.profile == "v2" for e in rule.VALID), f"{rule.code} has no v2 VALID example"
+        assert any(e.profile == "v2" for e in rule.INVALID), f"{rule.code} has no v2 INVALID example"
 
 
 @pytest.mark.parametrize(("rule", "example"), list(_cases("VALID")))
