@@ -8,6 +8,7 @@ import libcst as cst
 
 from pithlint.analysis.names import dotted_name
 from pithlint.analysis.structure import functions_called_from
+from pithlint.analysis.walk import children as walk_children
 from pithlint.analysis.walk import walk
 from pithlint.project import raw_parameters
 from pithlint.rule import Fix, Invalid, Rule, Valid
@@ -262,11 +263,12 @@ class ViewReordersAxes(Rule):
 
     def _check_function(self, func: cst.FunctionDef, views: list[cst.Call]) -> None:
         code = self.ctx.module.code_for_node
-        shapes, moved = self._facts(func)
+        shapes = self._shapes(func)
+        reads_moved = _views_of_moved_names(func)
         comment_shapes = self._comment_shapes(func)
         for call in views:
             base = call.func.value
-            if _moves_axes(base) or (isinstance(base, cst.Name) and base.value in moved):
+            if _moves_axes(base) or id(call) in reads_moved:
                 self.report(call, ".view() on a transposed/permuted tensor reinterprets memory instead of moving data; call .contiguous() first or use .reshape()")
                 continue
             args = tuple(code(a).strip() for a in _view_args(call))
@@ -289,11 +291,10 @@ class ViewReordersAxes(Rule):
             for shape in known
         )
 
-    def _facts(self, func: cst.FunctionDef) -> tuple[list[tuple[str, ...]], set[str]]:
-        """Known shapes in ``func``, and local names bound to axis-moved tensors."""
+    def _shapes(self, func: cst.FunctionDef) -> list[tuple[str, ...]]:
+        """Shapes known in ``func`` from ``a, b, c = x.shape`` and tensor constructors."""
         code = self.ctx.module.code_for_node
         shapes: list[tuple[str, ...]] = []
-        moved: set[str] = set()
         for node in walk(func):
             if not isinstance(node, cst.Assign) or len(node.targets) != 1:
                 continue
@@ -302,17 +303,13 @@ class ViewReordersAxes(Rule):
                 if all(isinstance(e.value, cst.Name) for e in target.elements):
                     shapes.append(tuple(e.value.value for e in target.elements))
             elif isinstance(target, cst.Name):
-                if _moves_axes(value):
-                    moved.add(target.value)
-                else:
-                    moved.discard(target.value)
                 if isinstance(value, cst.Call) and self.ctx.imports.resolve(value.func) in _CONSTRUCTORS:
                     dims = [a.value for a in value.args if a.keyword is None]
                     if len(dims) == 1 and isinstance(dims[0], (cst.Tuple, cst.List)):
                         dims = [e.value for e in dims[0].elements]
                     if len(dims) > 1:
                         shapes.append(tuple(code(d).strip() for d in dims))
-        return shapes, moved
+        return shapes
 
     def _comment_shapes(self, func: cst.FunctionDef) -> dict:
         """Shapes written in ``# [E, out, in]`` comments inside ``func``: under "all", and
@@ -372,6 +369,15 @@ class ViewReordersAxes(Rule):
             """,
             profile="v2",
         ),
+        Valid(
+            """
+            def attention(kv, bsz, seq_len, heads, dim):
+                kv = kv.view(bsz, seq_len, heads, dim).transpose(1, 2)
+                t = kv.transpose(1, 2)
+                t = t.contiguous()
+                return t.view(bsz, seq_len, heads * dim)
+            """
+        ),
     ]
     INVALID = [
         Invalid(
@@ -424,6 +430,37 @@ class ViewReordersAxes(Rule):
             example_path="pithtrain/tasks/convert_checkpoint/gpt_oss.py",
         ),
     ]
+
+
+def _views_of_moved_names(func: cst.FunctionDef) -> set[int]:
+    """ids of ``name.view(...)`` calls where ``name`` holds a transposed/permuted tensor
+    at that point of the function.
+
+    Flow-sensitive in source order: an assignment binds its name only after its right-hand
+    side ran, so ``kv = kv.view(...).transpose(1, 2)`` views the old ``kv``.
+    """
+    moved: set[str] = set()
+    found: set[int] = set()
+    bind = object()  # a marker on the stack: apply the pending assignment now
+    stack: list = [func.body]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, tuple) and node[0] is bind:
+            _, name, is_moved = node
+            (moved.add if is_moved else moved.discard)(name)
+            continue
+        if isinstance(node, (cst.FunctionDef, cst.Lambda, cst.ClassDef)):
+            continue  # another scope
+        if isinstance(node, cst.Call) and _view_args(node) is not None:
+            base = node.func.value
+            if isinstance(base, cst.Name) and base.value in moved:
+                found.add(id(node))
+        children = list(walk_children(node))
+        if isinstance(node, cst.Assign) and len(node.targets) == 1 and isinstance(node.targets[0].target, cst.Name):
+            stack.append((bind, node.targets[0].target.value, _moves_axes(node.value)))
+            children = [node.value]
+        stack.extend(reversed(children))
+    return found
 
 
 def _is_shape_of(value: cst.BaseExpression) -> bool:
