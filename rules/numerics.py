@@ -996,42 +996,6 @@ class GroupedMmPaddingRows(Rule):
         ),
     ]
     INVALID = [
-        # v2: the same experts in a project whose scatter still over-allocates.
-        Invalid(
-            """
-            import torch
-            from torch import nn
-            from pithtrain.operators.grouped_linear import GroupedLinearFunc
-            from pithtrain.operators.indexed_bias_add import indexed_bias_add
-
-            class GptOssExperts(nn.Module):
-                def __init__(self, config, num_experts):
-                    super().__init__()
-                    self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * config.intermediate_size, config.hidden_size))
-                    self.gate_up_proj_bias = nn.Parameter(torch.zeros(num_experts, 2 * config.intermediate_size))
-                    self.down_proj = nn.Parameter(torch.empty(num_experts, config.hidden_size, config.intermediate_size))
-
-                def forward(self, x, grouped_mm_offs, ks=None, ks_tensor=None):  # [PTL301]
-                    group_ids = torch.searchsorted(grouped_mm_offs, torch.arange(x.shape[0], device=x.device), right=True)
-                    gate_up = GroupedLinearFunc.apply(x, self.gate_up_proj, grouped_mm_offs)
-                    gate_up = indexed_bias_add(gate_up, self.gate_up_proj_bias, group_ids, grouped_mm_offs)
-                    return GroupedLinearFunc.apply(activate(gate_up), self.down_proj, grouped_mm_offs)
-
-            class GptOssMoE(nn.Module):
-                def __init__(self, config):
-                    super().__init__()
-                    self.experts = GptOssExperts(config, config.num_local_experts)
-
-            class GptOssDecoderLayer(nn.Module):
-                def __init__(self, config, layer_idx):
-                    super().__init__()
-                    self.mlp = GptOssMoE(config)
-
-                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
-            """,
-            profile="v2",
-            files=(("pithtrain/operators/token_scatter.py", _PADDED_SCATTER),),
-        ),
         Invalid(
             """
             import torch
@@ -1068,5 +1032,41 @@ class GroupedMmPaddingRows(Rule):
                     out = F.grouped_mm(x, self.w.transpose(-2, -1), offs=grouped_mm_offs)
                     return out + self.bias[group_ids]
             """,
+        ),
+        # v2: the same experts in a project whose scatter still over-allocates.
+        Invalid(
+            """
+            import torch
+            from torch import nn
+            from pithtrain.operators.grouped_linear import GroupedLinearFunc
+            from pithtrain.operators.indexed_bias_add import indexed_bias_add
+
+            class GptOssExperts(nn.Module):
+                def __init__(self, config, num_experts):
+                    super().__init__()
+                    self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * config.intermediate_size, config.hidden_size))
+                    self.gate_up_proj_bias = nn.Parameter(torch.zeros(num_experts, 2 * config.intermediate_size))
+                    self.down_proj = nn.Parameter(torch.empty(num_experts, config.hidden_size, config.intermediate_size))
+
+                def forward(self, x, grouped_mm_offs, ks=None, ks_tensor=None):  # [PTL301]
+                    group_ids = torch.searchsorted(grouped_mm_offs, torch.arange(x.shape[0], device=x.device), right=True)
+                    gate_up = GroupedLinearFunc.apply(x, self.gate_up_proj, grouped_mm_offs)
+                    gate_up = indexed_bias_add(gate_up, self.gate_up_proj_bias, group_ids, grouped_mm_offs)
+                    return GroupedLinearFunc.apply(activate(gate_up), self.down_proj, grouped_mm_offs)
+
+            class GptOssMoE(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.experts = GptOssExperts(config, config.num_local_experts)
+
+            class GptOssDecoderLayer(nn.Module):
+                def __init__(self, config, layer_idx):
+                    super().__init__()
+                    self.mlp = GptOssMoE(config)
+
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+            """,
+            profile="v2",
+            files=(("pithtrain/operators/token_scatter.py", _PADDED_SCATTER),),
         ),
     ]
