@@ -476,6 +476,11 @@ def main(argv=None) -> int:
         )
         record.update(pp_rank=ctx.pp_rank, ep_rank=ctx.ep_rank, dp_rank=ctx.dp_rank)
         record["dtype"] = str(record_dtype(args, ctx.device)).removeprefix("torch.")
+        if ctx.device.type == "cpu":
+            # One intra-op thread per rank (torchrun's default for several ranks, not for
+            # one): on these tiny tensors OpenMP's thread hand-offs cost more than the math,
+            # and on a busy machine they wait for cores; a 1x1 rung took twice as long.
+            torch.set_num_threads(1)
         run(args, ctx, reporter, record)
         record["status"] = "passed" if record["rank_ok"] else "failed"
     except Exception as exc:
