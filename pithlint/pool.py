@@ -84,6 +84,12 @@ def _in_pool(run: LintRun, jobs: list, with_edits: bool, workers: int) -> list[t
     global _inherited
     if "fork" not in multiprocessing.get_all_start_methods():
         return [(i, lint_one(run, p, d, with_edits)) for i, p, d in jobs]
+    # The workers inherit the project index read here, instead of each parsing it again.
+    if run.needs_project:
+        for _, path, _ in jobs:
+            project = run.project_for(str(path))
+            if project is not None:
+                project.preload()
     # Largest files first, one at a time: the last to finish is a small one.
     ordered = sorted(jobs, key=lambda job: -len(job[2] or b""))
     _inherited = (run, with_edits)

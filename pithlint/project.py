@@ -557,6 +557,14 @@ class Project:
             self._files[resolved] = ProjectFile(self.root, resolved, source, module, self.profile)
         return module
 
+    def preload(self) -> None:
+        """Read every file the index may read now (before forking workers that would each
+        read them); their notices are said again when a rule asks for the file."""
+        for location in ("harness", "training_module", "token_scatter_module"):
+            self.file(getattr(self.profile, location))
+        self.converter_files
+        self.example_configs
+
     def reads(self, path: str) -> bool:
         """The index reads the file at ``path`` (so findings of other files can land there)."""
         roles = (self.profile.harness, self.profile.training_module, self.profile.token_scatter_module)

@@ -1,0 +1,177 @@
+"""Whole-process timings of pithlint, and of the linters it is compared with when installed.
+
+    python bench/bench_lint.py PITHTRAIN_CHECKOUT [--runs 5] [--ladder]
+
+PITHTRAIN_CHECKOUT is a checkout of upstream PithTrain, kept outside this repository:
+
+    git clone https://github.com/mlc-ai/pith-train /tmp/pith-train
+    # or, for a fixed snapshot: git -C pith-train archive HEAD | tar -x -C /tmp/pith-train-head
+
+The checkout is copied into a temporary folder (the original is never written). Measured,
+each as the median of --runs runs after one unmeasured warm-up run, with min and max:
+
+- one model file (--model-file, default pithtrain/models/deepseek_v2.py) and the whole
+  ``pithtrain/`` folder, all rules enabled (cross-file rules included), with the result
+  cache empty before every run ("cold") and filled by the warm-up ("warm");
+- a synthetic corpus ten times larger: every ``*.py`` file of the folder copied nine times
+  next to itself under new names (``x.py`` -> ``x_copy1.py`` ...), cold;
+- with --ladder, ``pithlint --run-ladder --device cpu`` on one embedded model (run the
+  script from the repository root).
+
+Fixit, TorchFix, pylint and ruff run on the same paths when they are on PATH (this script
+installs nothing); they have no result cache except ruff, which runs with --no-cache cold.
+"Cold" means an empty result cache, not an empty OS page cache. Wall time is measured around
+the process (start-up included); cpu is user + system of the process and its children.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PITHLINT = [sys.executable, "-m", "pithlint"]
+
+# The comparison tools, each followed by a file or folder; default rules.
+ANCHORS = {
+    "fixit": ["fixit", "lint"],
+    "torchfix": ["torchfix"],
+    "pylint": ["pylint"],
+    "ruff": ["ruff", "check", "--no-cache"],
+}
+
+
+def run_once(command: list[str], cwd: Path) -> tuple[float, float, int]:
+    """(wall seconds, cpu seconds of the process and its children, exit code)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, done.returncode
+
+
+def measure(command: list[str], cwd: Path, runs: int, prepare=None) -> dict:
+    """Median, min and max of ``runs`` runs after a warm-up; ``prepare`` runs before each."""
+    walls, cpus = [], []
+    for index in range(runs + 1):
+        if prepare is not None:
+            prepare()
+        wall, cpu, code = run_once(command, cwd)
+        if index:  # the first run warms the OS caches (and the result cache when kept)
+            walls.append(wall)
+            cpus.append(cpu)
+    return {"wall": walls, "cpu": cpus, "code": code}
+
+
+def cell(result: dict | None) -> str:
+    if result is None:
+        return "-"
+    walls = result["wall"]
+    return f"{statistics.median(walls):6.3f} ({min(walls):.3f}-{max(walls):.3f})"
+
+
+def cpu_cell(result: dict | None) -> str:
+    return "-" if result is None else f"{statistics.median(result['cpu']):6.3f}"
+
+
+def multiply(corpus: Path, folder: str, copies: int) -> int:
+    """Copy every ``*.py`` of ``corpus/folder`` ``copies`` - 1 times next to itself."""
+    originals = sorted((corpus / folder).rglob("*.py"))
+    for path in originals:
+        for index in range(1, copies):
+            shutil.copyfile(path, path.with_name(f"{path.stem}_copy{index}.py"))
+    return len(originals) * copies
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cores} cores ({cpu}), Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("corpus", type=Path, help="a PithTrain checkout (its pithtrain/ folder is linted)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--model-file", default="pithtrain/models/deepseek_v2.py")
+    parser.add_argument("--folder", default="pithtrain")
+    parser.add_argument("--ladder", action="store_true", help="also time pithlint --run-ladder on CPU (minutes)")
+    parser.add_argument("--ladder-model", default="qwen3_moe")
+    parser.add_argument("--no-anchors", action="store_true", help="time pithlint only")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="pithlint-bench-"))
+    try:
+        corpus = work / "corpus"
+        shutil.copytree(args.corpus, corpus, ignore=shutil.ignore_patterns(".git", ".pithlint_cache", ".ruff_cache"))
+        big = work / "corpus10x"
+        shutil.copytree(corpus, big)
+        files = multiply(big, args.folder, 10)
+        print(f"machine: {machine()}")
+        print(f"corpus: {args.corpus} ({len(list((corpus / args.folder).rglob('*.py')))} files in {args.folder}/; 10x: {files} files)")
+        print(f"runs: median of {args.runs} after one warm-up; wall seconds (min-max), cpu seconds\n")
+
+        def clear(root: Path):
+            return lambda: shutil.rmtree(root / ".pithlint_cache", ignore_errors=True)
+
+        rows = []
+        one, folder = [args.model_file], [args.folder]
+        rows.append(("pithlint", {
+            "file cold": measure([*PITHLINT, *one], corpus, args.runs, clear(corpus)),
+            "file warm": measure([*PITHLINT, *one], corpus, args.runs),
+            "folder cold": measure([*PITHLINT, *folder], corpus, args.runs, clear(corpus)),
+            "folder warm": measure([*PITHLINT, *folder], corpus, args.runs),
+            "10x cold": measure([*PITHLINT, *folder], big, args.runs, clear(big)),
+            "10x warm": measure([*PITHLINT, *folder], big, args.runs),
+        }))
+        for name, command in ANCHORS.items():
+            if args.no_anchors or shutil.which(command[0]) is None:
+                continue
+            rows.append((name, {
+                "file cold": measure([*command, *one], corpus, args.runs),
+                "folder cold": measure([*command, *folder], corpus, args.runs),
+            }))
+
+        columns = ["file cold", "file warm", "folder cold", "folder warm", "10x cold", "10x warm"]
+        print(f"{'tool':10} " + " ".join(f"{c:>22}" for c in columns))
+        for name, results in rows:
+            print(f"{name:10} " + " ".join(f"{cell(results.get(c)):>22}" for c in columns))
+        print("\ncpu seconds (median):")
+        for name, results in rows:
+            print(f"{name:10} " + " ".join(f"{cpu_cell(results.get(c)):>22}" for c in columns))
+        base = rows[0][1]
+        scale = statistics.median(base["10x cold"]["wall"]) / statistics.median(base["folder cold"]["wall"])
+        print(f"\npithlint 10x corpus / folder, cold: {scale:.1f}x the time for 10x the files")
+        for name, results in rows[1:]:
+            for column in ("file cold", "folder cold"):
+                ratio = statistics.median(results[column]["wall"]) / statistics.median(base[column]["wall"])
+                print(f"{name} / pithlint, {column}: {ratio:.1f}x")
+
+        if args.ladder:
+            command = [*PITHLINT, "--run-ladder", args.ladder_model, "--device", "cpu", "--work-dir", str(work / "ladder")]
+            wall, cpu, code = run_once(command, Path.cwd())
+            print(f"\npithlint --run-ladder {args.ladder_model} --device cpu: {wall:.1f} s wall, {cpu:.1f} s cpu, exit {code}")
+        print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
