@@ -48,8 +48,11 @@ class TransposeOutsideExport(Rule):
     direction (``hf2dcp`` and what it calls), and every swap of the export direction
     (``dcp2hf``, a converter's ``postprocess_canonical``, and what they call) after the
     first in a file. Expert weights are stored ``[E, out, in]`` in the model and its
-    checkpoints; the one transpose to HF's ``[E, in, out]`` belongs to the export. (Swaps
-    inside the model are PTL304's concern.)
+    checkpoints; the one transpose to HF's ``[E, in, out]`` belongs to the export. When the
+    HF files themselves store experts ``[E, in, out]`` (transformers' gpt_oss), importing
+    must swap too: then one swap helper called from both directions is the one place, and
+    its swap is accepted; an inline swap elsewhere on either path, or a second helper used
+    by both, is still reported. (Swaps inside the model are PTL304's concern.)
 
     Why it matters:
     A transpose in the import direction (or a second one on the way out) stores experts in
@@ -67,9 +70,15 @@ class TransposeOutsideExport(Rule):
             ...
             stacked = stacked.transpose(-2, -1).contiguous()
 
+        # or, when HF's files are [E, in, out]: one helper both directions call
+        def _swap_in_out(tensor):
+            return tensor.transpose(-2, -1).contiguous()
+
     Where it comes from:
     PithTrain's gpt-oss converter, whose export-only transpose is documented in its
     ``_stack_experts`` docstring, and the MXFP4 layout bug that the round-trip test missed.
+    The shared-helper form is this repository's converter, which reads transformers'
+    ``save_pretrained`` gpt_oss files.
     """
 
     code = "PTL601"
@@ -85,12 +94,23 @@ class TransposeOutsideExport(Rule):
         functions = _functions(self.ctx.module, self.ctx.structure.classes)
         imports = self._reached(functions, self.profile.converter_import_entries)
         exports = self._reached(functions, self.profile.converter_export_entries)
+        # A swap helper reached from both directions is the one place (HF files that store
+        # experts [E, in, out] need the swap on import too); only the first such helper is.
+        shared = [func for _, func in functions if id(func) in imports and id(func) in exports and _transposes(func)]
+        helper = shared[0] if shared else None
         for func in imports.values():
+            if id(func) in exports and func in shared:
+                if func is not helper:
+                    for node in _transposes(func):
+                        self.report(node, f"a second swap helper ({func.name.value}) used by both directions: the [E, out, in] <-> [E, in, out] transpose must happen in exactly one place, {helper.name.value}")
+                continue
             for node in _transposes(func):
-                self.report(node, f"axis swap in the import direction ({func.name.value}): checkpoints keep the model's [E, out, in] layout; transpose only when exporting to HF")
-        export_swaps = [node for func in exports.values() if id(func) not in imports for node in _transposes(func)]
+                where = f"; call {helper.name.value}, the converter's one swap helper" if helper else ""
+                self.report(node, f"axis swap in the import direction ({func.name.value}): checkpoints keep the model's [E, out, in] layout; transpose only when exporting to HF{where}")
+        export_swaps = _transposes(helper) if helper else []
+        export_swaps += [node for func in exports.values() if id(func) not in imports for node in _transposes(func)]
         for node in export_swaps[1:]:
-            self.report(node, "a second axis swap on the export path: the [E, out, in] -> [E, in, out] transpose must happen in exactly one place")
+            self.report(node, "a second axis swap on the export path: the [E, out, in] <-> [E, in, out] transpose must happen in exactly one place")
 
     def _reached(self, functions, entries: tuple[str, ...]) -> dict[int, cst.FunctionDef]:
         module_functions = self.ctx.module_functions
@@ -130,8 +150,45 @@ class TransposeOutsideExport(Rule):
             profile="v2",
             example_path="pithtrain/tasks/convert_checkpoint/gpt_oss.py",
         ),
+        # HF stores experts [E, in, out]: one swap helper, reached from both directions.
+        Valid(
+            """
+            EXPERTS = (".experts.gate_up_proj", ".experts.down_proj")
+
+            def _swap_in_out(tensor):
+                return tensor.transpose(-2, -1).contiguous()
+
+            def _hf2dcp_gpt_oss(hf):
+                return {k: _swap_in_out(v) if k.endswith(EXPERTS) else v for k, v in hf.items()}
+
+            def _dcp2hf_gpt_oss(canonical):
+                return {k: _swap_in_out(v) if k.endswith(EXPERTS) else v for k, v in canonical.items()}
+            """,
+            example_path="pithtrain/tasks/convert_checkpoint.py",
+        ),
     ]
     INVALID = [
+        # A shared swap helper exists, but the import path also swaps inline, and a second
+        # helper used by both directions swaps again.
+        Invalid(
+            """
+            def _swap_in_out(tensor):
+                return tensor.transpose(-2, -1).contiguous()
+
+            def _flip(tensor):
+                return tensor.mT  # [PTL601]
+
+            def _hf2dcp_gpt_oss(hf):
+                state = {k: _swap_in_out(v) for k, v in hf.items()}
+                bias = {k: v.transpose(0, 1) for k, v in hf.items()}  # [PTL601]
+                return {k: _flip(v) for k, v in state.items()}
+
+            def _dcp2hf_gpt_oss(canonical):
+                out = {k: _flip(v) for k, v in canonical.items()}
+                return {k: _swap_in_out(v) for k, v in out.items()}
+            """,
+            example_path="pithtrain/tasks/convert_checkpoint.py",
+        ),
         Invalid(
             """
             import torch

@@ -152,9 +152,7 @@ GPT_OSS_TRANSPOSED = (".experts.gate_up_proj", ".experts.down_proj")
 
 def _swap_in_out(tensor: torch.Tensor) -> torch.Tensor:
     """``[E, in, out] <-> [E, out, in]``: the converter's only transpose (see the module doc)."""
-    # PTL601 expects no import-side swap (upstream imported MXFP4 originals, [E, out, in]);
-    # transformers' gpt_oss files need the swap both ways, so it lives only here.
-    return tensor.transpose(-2, -1).contiguous()  # pithlint: ignore[PTL601]
+    return tensor.transpose(-2, -1).contiguous()
 
 
 def _hf2dcp_gpt_oss(hf: StateDict) -> StateDict:
