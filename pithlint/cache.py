@@ -198,7 +198,7 @@ def load_catalog(folder: Path) -> bool:
     """Use the rule catalog stored for this exact pithlint source, if there is one."""
     try:
         data = json.loads(_catalog_path(folder).read_text(encoding="utf-8"))
-        entries = tuple(RuleInfo(c, n, s, tuple(e), bool(d)) for c, n, s, e, d in data)
+        entries = tuple(RuleInfo(c, n, s, tuple(e), bool(d), f) for c, n, s, e, d, f in data)
     except (OSError, ValueError, TypeError):
         return False
     registry.use_catalog(entries)
@@ -206,7 +206,7 @@ def load_catalog(folder: Path) -> bool:
 
 
 def save_catalog(folder: Path) -> None:
-    rows = [[r.code, r.name, r.scope, list(r.eras), r.default_enabled] for r in registry.catalog()]
+    rows = [[r.code, r.name, r.scope, list(r.eras), r.default_enabled, r.fix_availability] for r in registry.catalog()]
     write_entry(folder, _catalog_path(folder), json.dumps(rows))
 
 

@@ -294,6 +294,11 @@ def rules_command(markdown):
     """List every rule: code, name, scope, era, fix availability, default state."""
     from pithlint.docs import render_markdown_page, render_rule_table
 
+    try:  # the catalog a run cached in this project, if any, spares importing the rule pack
+        load_catalog(cache_folder(load_settings(None, Path("."))))
+    except ConfigError:
+        pass
+
     click.echo(render_markdown_page() if markdown else render_rule_table(), nl=not markdown)
 
 

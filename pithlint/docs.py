@@ -10,8 +10,8 @@ from pithlint import registry
 from pithlint.rule import Rule
 
 
-def era_label(rule: type[Rule]) -> str:
-    return "both" if rule.eras == frozenset({"v1", "v2"}) else "/".join(sorted(rule.eras))
+def era_label(rule: type[Rule] | registry.RuleInfo) -> str:
+    return "both" if set(rule.eras) == {"v1", "v2"} else "/".join(sorted(rule.eras))
 
 
 def render_rule(rule: type[Rule]) -> str:
@@ -28,7 +28,7 @@ def render_rule(rule: type[Rule]) -> str:
 
 
 def render_rule_table() -> str:
-    rules = registry.all_rules()
+    rules = registry.catalog()  # from the result cache when there is one: no rule imported
     rows = [("code", "name", "scope", "era", "fix", "default")]
     rows += [
         (r.code, r.name, r.scope, era_label(r), r.fix_availability, "on" if r.default_enabled else "off")

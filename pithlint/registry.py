@@ -33,17 +33,19 @@ def by_code() -> dict[str, type[Rule]]:
 
 @dataclass(frozen=True)
 class RuleInfo:
-    """What selection, the engine's run set-up and the cache key need to know of a rule."""
+    """What selection, the engine's run set-up, the cache key and ``pithlint rules`` need to
+    know of a rule."""
 
     code: str
     name: str
     scope: str
     eras: tuple[str, ...]
     default_enabled: bool
+    fix_availability: str
 
     @classmethod
     def of(cls, rule: type[Rule]) -> RuleInfo:
-        return cls(rule.code, rule.name, rule.scope, tuple(sorted(rule.eras)), rule.default_enabled)
+        return cls(rule.code, rule.name, rule.scope, tuple(sorted(rule.eras)), rule.default_enabled, rule.fix_availability)
 
 
 _catalog: tuple[RuleInfo, ...] | None = None

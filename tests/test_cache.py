@@ -263,3 +263,18 @@ def test_a_cached_run_imports_neither_libcst_nor_the_rule_pack(miswired):
     assert "'libcst'" in first.stdout
     assert second.stdout.splitlines()[-1] == "[]"
     assert second.stdout.splitlines()[:-1] == first.stdout.splitlines()[:-1]
+
+
+def test_rules_table_from_the_cached_catalog_is_the_same_without_libcst(miswired):
+    check = (
+        "import sys\n"
+        "from pithlint.cli import main\n"
+        "try:\n    main(['rules'])\n"
+        "except SystemExit:\n    pass\n"
+        "print('libcst' in sys.modules)\n"
+    )
+    uncached = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout
+    subprocess.run([sys.executable, "-m", "pithlint", MODEL], capture_output=True)  # caches the catalog
+    cached = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout
+    assert uncached.splitlines()[-1] == "True" and cached.splitlines()[-1] == "False"
+    assert cached.splitlines()[:-1] == uncached.splitlines()[:-1]
