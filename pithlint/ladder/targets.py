@@ -72,6 +72,7 @@ class Target:
     command: str  # the launch template of a rung
     model_file: Optional[Path] = None  # --model-file: take the model class from this file
     timeout_s: Optional[float] = None  # the project's per-rung limit
+    pyproject: Optional[Path] = None  # the configuration tier 0 lints with (None: nearest)
 
     @property
     def structured(self) -> bool:
@@ -178,6 +179,7 @@ def _project_target(name: str, config: Path, settings: Settings, ladder: dict) -
         harness=harness,
         command=ladder["command"],
         timeout_s=ladder["timeout"],
+        pyproject=settings.config_file,
     )
 
 

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Callable, Optional, Protocol
 
 from pithlint.config import load_settings
-from pithlint.ladder.diagnosis import RUNG_ADDS, Verdict, diagnose, load_results, to_float
+from pithlint.ladder.diagnosis import (
+    RUNG_ADDS,
+    Verdict,
+    _fmt,
+    diagnose,
+    load_results,
+    to_float,
+)
 from pithlint.ladder.launch import Launch, Placement, place, run_group
 from pithlint.ladder.parity import run_tier5
 from pithlint.ladder.targets import Target
@@ -234,7 +241,7 @@ def run_lint(ctx: CheckContext, check: Check) -> Outcome:
     from pithlint.engine import LintRun  # the lint engine is only needed here
 
     target = ctx.target
-    run = LintRun.create(load_settings(None, target.root))
+    run = LintRun.create(load_settings(target.pyproject, target.root))
     model_file = target.model_file or (
         target.root / run.profile.models_dir / f"{target.model_type}.py"
     )
@@ -339,10 +346,10 @@ def run_reference(ctx: CheckContext, check: Check) -> Outcome:
     else:
         bad = record.get("nonfinite", [])
         outcome.kind, outcome.code = "grad-nonfinite", "PTL301"
-        outcome.worst_param = bad[0]["name"]
+        outcome.worst_diff, outcome.worst_param = None, f"{bad[0]['name']} (non-finite grad)"
         shown = "\n".join(
-            f"  {p['name']}: |grad|max ours={to_float(p['ours_absmax'])} "
-            f"reference={to_float(p['ref_absmax'])}"
+            f"  {p['name']}: |grad|max ours={_fmt(to_float(p['ours_absmax']))} "
+            f"reference={_fmt(to_float(p['ref_absmax']))}"
             for p in bad[:5]
         )
         outcome.message = (
