@@ -119,6 +119,45 @@ def _named_constants(module: cst.Module) -> set[int]:
     return found
 
 
+def _fallback_only_constants(ctx) -> set[int]:
+    """ids of the literals of module-level ``UPPER_CASE = <literal>`` constants that the file
+    uses only as a default: a parameter default, the fallback of ``getattr(obj, k, default)``
+    or of ``d.get(k, default)`` (PTL504's named form of a value the config may not carry).
+    A constant used anywhere else (in the math, a comparison, an attribute), or not at all,
+    is not one."""
+    fallback: set[int] = set()
+    for param in ctx.nodes(cst.Param):
+        if param.default is not None:
+            fallback.update(id(n) for n in walk(param.default))
+    for call in ctx.nodes(cst.Call):
+        name = dotted_name(call.func) or ""
+        default = call.args[2:3] if name == "getattr" else call.args[1:2] if name.endswith((".get", ".pop", ".setdefault")) else ()
+        for arg in default:
+            fallback.update(id(n) for n in walk(arg.value))
+    constants: dict[str, list[cst.CSTNode]] = {}
+    targets: set[int] = set()
+    for statement in ctx.module.body:
+        if isinstance(statement, cst.SimpleStatementLine):
+            for small in statement.body:
+                if isinstance(small, cst.Assign) and len(small.targets) == 1:
+                    target = small.targets[0].target
+                    if isinstance(target, cst.Name) and target.value.isupper():
+                        targets.add(id(target))
+                        constants.setdefault(target.value, []).append(small.value)
+    used: dict[str, bool] = {}
+    for node in ctx.nodes(cst.Name):
+        if node.value in constants and id(node) not in targets:
+            used[node.value] = used.get(node.value, True) and id(node) in fallback
+    for attribute in ctx.nodes(cst.Attribute):
+        if attribute.attr.value in used:
+            used[attribute.attr.value] = False  # obj.NAME: not a plain use of the constant
+    found: set[int] = set()
+    for name, values in constants.items():
+        if used.get(name) and len(values) == 1:
+            found.update(id(n) for n in walk(values[0]))
+    return found
+
+
 def _exempt_literals(ctx) -> set[int]:
     """ids of literal nodes that are not hard-coded values: parameter defaults, fallbacks of
     ``getattr(obj, k, default)`` / ``d.get(k, default)``, attribute names, comparison operands
@@ -169,9 +208,12 @@ class HardCodedConfigValue(Rule):
     ``norm_topk_prob``, ``routed_scaling_factor``, ``scoring_func``; rotary:
     ``rope_theta``, ``rope_scaling.type``/``rope_type``, ``rope_scaling.factor``;
     ``swiglu_limit``, ``sliding_window``) that the model file never reads. Exempt: parameter
-    defaults, fallbacks of ``getattr(config, k, default)`` and ``dict.get(k, default)``,
-    comparison operands, subscripts, small counts and unit scales, and keys that are not
-    numerics (token ids, ``initializer_range``, ``torch_dtype``, ...).
+    defaults, fallbacks of ``getattr(config, k, default)`` and ``dict.get(k, default)``
+    (also when the default is a module-level UPPER_CASE constant that the file uses only in
+    such places: ``getattr(config, "swiglu_alpha", SWIGLU_ALPHA)``), comparison operands,
+    subscripts, small counts and unit scales, and keys that are not numerics (token ids,
+    ``initializer_range``, ``torch_dtype``, ...). A named constant that the code uses
+    directly is still reported when the config carries its value.
 
     Why it matters:
     A hard-coded value is right for the one checkpoint it was copied from and silently wrong
@@ -235,7 +277,7 @@ class HardCodedConfigValue(Rule):
 
     def _check_literals(self, values: dict[object, tuple[str, str, bool]]) -> None:
         """``values``: value -> (key, where it is set, whether that is HF's default)."""
-        exempt = _exempt_literals(self.ctx)
+        exempt = _exempt_literals(self.ctx) | _fallback_only_constants(self.ctx)
         constants = _named_constants(self.ctx.module)
         for node_type in (cst.Integer, cst.Float, cst.SimpleString):
             for node in self.ctx.nodes(node_type):
@@ -279,6 +321,11 @@ class HardCodedConfigValue(Rule):
         "examples/pretrain_lm/example/config.json",
         '{"model_type": "example", "hidden_size": 64, "swiglu_limit": 7.0,'
         ' "rope_scaling": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0}}',
+    )
+    # A config that carries the SwiGLU gain too (newer transformers gpt_oss configs do).
+    _CONFIG_ALPHA = (
+        "examples/pretrain_lm/example/config.json",
+        '{"model_type": "example", "hidden_size": 64, "swiglu_limit": 7.0, "swiglu_alpha": 1.702}',
     )
     VALID = [
         Valid(
@@ -342,8 +389,60 @@ class HardCodedConfigValue(Rule):
             profile="v2",
             files=(_TRAINING, _CONFIG_V2),
         ),
+        # A named constant that is only the fallback for configs without the key.
+        Valid(
+            """
+            from torch import nn
+
+            SWIGLU_ALPHA = 1.702  # sigmoid approximation of GELU (Hendrycks & Gimpel 2016)
+            SWIGLU_LIMIT = 7.0  # openai/gpt-oss's clamp
+
+            class ExampleExperts(nn.Module):
+                def __init__(self, config, limit=SWIGLU_LIMIT):
+                    super().__init__()
+                    self.alpha = getattr(config, "swiglu_alpha", SWIGLU_ALPHA)
+                    self.limit = float(config.swiglu_limit or limit)
+
+            class ExampleLayer(nn.Module):
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+            class ExampleModel(nn.Module):
+                def __init__(self, config, phase):
+                    super().__init__()
+                    self.layers = nn.ModuleDict()
+            """,
+            profile="v2",
+            files=(_TRAINING, _CONFIG_ALPHA),
+        ),
     ]
     INVALID = [
+        # v2: named constants, but used in the math as well as (or instead of) a fallback.
+        Invalid(
+            """
+            from torch import nn
+
+            SWIGLU_ALPHA = 1.702  # sigmoid approximation of GELU  # [PTL503]
+            SWIGLU_LIMIT = 7.0  # openai/gpt-oss's clamp  # [PTL503]
+
+            class ExampleExperts(nn.Module):
+                def __init__(self, config):
+                    super().__init__()
+                    self.limit = getattr(config, "swiglu_limit", SWIGLU_LIMIT)
+
+                def forward(self, x):
+                    return clamped_swiglu(x, SWIGLU_ALPHA, min(self.limit, SWIGLU_LIMIT))
+
+            class ExampleLayer(nn.Module):
+                def forward_stage1(self, hidden_states, rotary_posemb, cu_seqlens=None): ...
+
+            class ExampleModel(nn.Module):
+                def __init__(self, config, phase):
+                    super().__init__()
+                    self.layers = nn.ModuleDict()
+            """,
+            profile="v2",
+            files=(_TRAINING, _CONFIG_ALPHA),
+        ),
         # v2: the clamp limit inlined, and the rotary type never read (a hard-wired YaRN).
         Invalid(
             """

@@ -38,7 +38,7 @@ from pithtrain.operators.token_scatter import padded_index_gather, scatter_for_g
 # approximation of GELU (Hendrycks & Gimpel 2016); openai/gpt-oss fixes it in code. Newer
 # transformers configs carry it as swiglu_alpha (read first); this is the fallback for older
 # ones, so it equals the config's value by design.
-SWIGLU_ALPHA = 1.702  # noqa: PTL503
+SWIGLU_ALPHA = 1.702
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
