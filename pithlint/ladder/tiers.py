@@ -42,14 +42,12 @@ REFERENCE_HARNESS_API = (
     "SEED", "LABEL_SCALE",
 )  # fmt: skip
 
-STATUSES = ("passed", "failed", "skipped", "not-run")
-
 
 @dataclass
 class Outcome:
     """What one check of one model came to."""
 
-    status: str  # one of STATUSES
+    status: str  # "passed", "failed", "skipped" or "not-run"
     message: str = ""  # the diagnosis (failed), the reason (skipped, not-run), or a note
     time_s: float = 0.0  # set by the runner: the check's wall time
     kind: Optional[str] = None  # the diagnosis class (diagnosis.KINDS, "hang", ...)
