@@ -49,11 +49,16 @@ ANCHORS = {
 }
 
 
+# As installed by pip, every tool runs from compiled bytecode: let the warm-up runs write it
+# even where the environment says not to (pithlint is often an editable install).
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def run_once(command: list[str], cwd: Path) -> tuple[float, float, int]:
     """(wall seconds, cpu seconds of the process and its children, exit code)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(command, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -128,41 +133,55 @@ def main() -> None:
         print(f"corpus: {args.corpus} ({len(list((corpus / args.folder).rglob('*.py')))} files in {args.folder}/; 10x: {files} files)")
         print(f"runs: median of {args.runs} after one warm-up; wall seconds (min-max), cpu seconds\n")
 
-        def clear(root: Path):
-            return lambda: shutil.rmtree(root / ".pithlint_cache", ignore_errors=True)
+        def clear(root: Path, keep_hf: bool = False):
+            """Empty the result cache before a run; ``keep_hf`` keeps the facts read from the
+            installed transformers (pithlint/hf.py), which outlive any change to the project."""
+            def prepare():
+                folder = root / ".pithlint_cache"
+                for entry in folder.iterdir() if folder.is_dir() else ():
+                    if not (keep_hf and entry.name == "hf"):
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            return prepare
 
-        rows = []
         one, folder = [args.model_file], [args.folder]
-        rows.append(("pithlint", {
-            "file cold": measure([*PITHLINT, *one], corpus, args.runs, clear(corpus)),
-            "file warm": measure([*PITHLINT, *one], corpus, args.runs),
-            "folder cold": measure([*PITHLINT, *folder], corpus, args.runs, clear(corpus)),
-            "folder warm": measure([*PITHLINT, *folder], corpus, args.runs),
-            "10x cold": measure([*PITHLINT, *folder], big, args.runs, clear(big)),
-            "10x warm": measure([*PITHLINT, *folder], big, args.runs),
-        }))
+        # scenario -> (paths, corpus, prepare before each run, or None: the cache is kept)
+        scenarios = {
+            "one file, cold": (one, corpus, clear(corpus)),
+            "one file, cold (HF facts cached)": (one, corpus, clear(corpus, keep_hf=True)),
+            "one file, warm": (one, corpus, None),
+            "folder, cold": (folder, corpus, clear(corpus)),
+            "folder, cold (HF facts cached)": (folder, corpus, clear(corpus, keep_hf=True)),
+            "folder, warm": (folder, corpus, None),
+            "10x folder, cold": (folder, big, clear(big)),
+            "10x folder, warm": (folder, big, None),
+        }
+        results: dict[str, dict[str, dict]] = {"pithlint": {}}
+        for scenario, (paths, root, prepare) in scenarios.items():
+            results["pithlint"][scenario] = measure([*PITHLINT, *paths], root, args.runs, prepare)
+        # The other tools have no result cache (ruff runs with --no-cache): cold only.
         for name, command in ANCHORS.items():
             if args.no_anchors or shutil.which(command[0]) is None:
                 continue
-            rows.append((name, {
-                "file cold": measure([*command, *one], corpus, args.runs),
-                "folder cold": measure([*command, *folder], corpus, args.runs),
-            }))
+            results[name] = {
+                "one file, cold": measure([*command, *one], corpus, args.runs),
+                "folder, cold": measure([*command, *folder], corpus, args.runs),
+            }
 
-        columns = ["file cold", "file warm", "folder cold", "folder warm", "10x cold", "10x warm"]
-        print(f"{'tool':10} " + " ".join(f"{c:>22}" for c in columns))
-        for name, results in rows:
-            print(f"{name:10} " + " ".join(f"{cell(results.get(c)):>22}" for c in columns))
-        print("\ncpu seconds (median):")
-        for name, results in rows:
-            print(f"{name:10} " + " ".join(f"{cpu_cell(results.get(c)):>22}" for c in columns))
-        base = rows[0][1]
-        scale = statistics.median(base["10x cold"]["wall"]) / statistics.median(base["folder cold"]["wall"])
-        print(f"\npithlint 10x corpus / folder, cold: {scale:.1f}x the time for 10x the files")
-        for name, results in rows[1:]:
-            for column in ("file cold", "folder cold"):
-                ratio = statistics.median(results[column]["wall"]) / statistics.median(base[column]["wall"])
-                print(f"{name} / pithlint, {column}: {ratio:.1f}x")
+        tools = list(results)
+        print(f"{'wall seconds: median (min-max)':34}" + "".join(f"{t:>22}" for t in tools))
+        for scenario in scenarios:
+            print(f"{scenario:34}" + "".join(f"{cell(results[t].get(scenario)):>22}" for t in tools))
+        print(f"\n{'cpu seconds (median)':34}" + "".join(f"{t:>22}" for t in tools))
+        for scenario in scenarios:
+            print(f"{scenario:34}" + "".join(f"{cpu_cell(results[t].get(scenario)):>22}" for t in tools))
+
+        def median(tool: str, scenario: str) -> float:
+            return statistics.median(results[tool][scenario]["wall"])
+
+        print(f"\npithlint, 10x folder / folder, cold: {median('pithlint', '10x folder, cold') / median('pithlint', 'folder, cold'):.1f}x the time for 10x the files")
+        for tool in tools[1:]:
+            for scenario in ("one file, cold", "folder, cold"):
+                print(f"{tool} / pithlint, {scenario}: {median(tool, scenario) / median('pithlint', scenario):.1f}x")
 
         if args.ladder:
             command = [*PITHLINT, "--run-ladder", args.ladder_model, "--device", "cpu", "--work-dir", str(work / "ladder")]
