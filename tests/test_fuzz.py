@@ -329,7 +329,7 @@ class Gen:
         if kind == 14:
             return f"f'{{{self.name()}!r}} and {{self.{self.pick(ATTRS)}:>4}}'"
         if kind == 15:
-            return f"{recv()}[{self.pick((':', '..., :n', '::2', ': sum(ks)', 'None, :', '-1'))}]"
+            return f"{recv()}[{self.pick((':', '..., :n', '::2', ': sum(ks)', 'None, :', '-1', '::-1', '()', '*idx', 'a:b:c, ...'))}]"
         if kind == 16 and async_ok:
             return f"(await {self.call(depth - 1, async_ok)})"
         if kind == 17:
@@ -401,13 +401,13 @@ class Gen:
         in_func, async_ok, in_loop = "func" in scope, "async" in scope, "loop" in scope
         e = lambda d=2: self.expr(d, async_ok)  # noqa: E731
         sub = lambda extra=(): self.block(depth - 1, scope | set(extra), templates, 1, 3)  # noqa: E731
-        kind = self.count(0, 27) if depth > 0 else self.count(0, 9)
+        kind = self.count(0, 28) if depth > 0 else self.count(0, 9)
         if kind == 0:
             return [f"{self.target()} = {e()}"]
         if kind == 1:
             return [f"{self.call(2, async_ok)}"]
         if kind == 2 and in_func:
-            return [self.pick(("return", f"return {e()}", f"return {e()}, {e()}", f"return ({e()},\n        {e()})"))]
+            return [self.pick(("return", f"return {e()}", f"return {e()}, {e()}", f"return ({e()},\n        {e()})", f"return *{e()}, {e()}", f"return ({e()}, *{e()})"))]
         if kind == 3:
             return [f"{self.name()}: {self.pick(ANNOTATIONS)}" + self.pick(("", f" = {e()}"))]
         if kind == 4:
@@ -475,6 +475,10 @@ class Gen:
             return [f"{self.name()}, *{self.name()} = {e()}"]
         if kind == 26:
             return [f"{self.call(2, async_ok)}; {self.target()} = {e()}"]
+        if kind == 27:
+            # the protocol's names bound in unusual ways
+            attr = self.pick(("mlp", "experts", "gate", "layers", "idx", "weight", "load_balance_loss_fn", "embed_tokens", "norm"))
+            return self.pick((f"del self.{attr}", f"self.{attr}: nn.Module", f"setattr(self, '{attr}', {e()})", f"(self.{attr}, *rest) = {e()}", f"for self.{attr} in {e()}:\n    pass", f"with {e()} as self.{attr}:\n    pass")).split("\n")
         return [f"{self.target()} = {e()}"]
 
     def patterns(self) -> list[str]:
