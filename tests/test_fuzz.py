@@ -44,6 +44,9 @@ from pithlint.config import Settings
 from pithlint.engine import LintRun
 from pithlint.profiles import PROFILES
 
+# The engine raises the recursion limit once per process, on purpose (pithlint.deep_stack).
+pytestmark = pytest.mark.filterwarnings("ignore:The recursion limit will not be reset")
+
 HERE = Path(__file__).parent
 WIRED = HERE / "fixtures" / "projects" / "wired"
 CORPUS = HERE / "fuzz_corpus"
