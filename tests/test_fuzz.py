@@ -267,7 +267,8 @@ class Gen:
         return self.draw(st.sampled_from(pool))
 
     def chance(self, p: float = 0.5) -> bool:
-        # integers shrink toward 0, so "no" is the simple answer
+        # integers shrink toward 0, so "no" is the simple answer: ask "keep this?", not
+        # "drop this?", so that a shrunk failure keeps only what it needs
         return self.draw(st.integers(0, 99)) >= 100 - int(p * 100)
 
     def count(self, low: int, high: int) -> int:
@@ -531,7 +532,7 @@ class Gen:
         returns = f" -> {self.pick(ANNOTATIONS)}" if self.chance(0.3) else ""
         scope = {"func"} | ({"async"} if is_async else set()) | ({"nested"} if nested else set())
         # the role's usual lines first (each may be dropped), then random ones
-        body = [line for item in core if not self.chance(0.2) for line in ([item] if isinstance(item, str) else item)] + self.block(depth, frozenset(scope), templates, low=0 if core else 1)
+        body = [line for item in core if self.chance(0.8) for line in ([item] if isinstance(item, str) else item)] + self.block(depth, frozenset(scope), templates, low=0 if core else 1)
         if self.chance(0.2):
             body.insert(0, '"""Docstring: see docs/notes.md; uses F.pad on the left."""')
         head = f"{'async ' if is_async else ''}def {name}({self.params(in_class, name)}){returns}:"
@@ -791,7 +792,7 @@ def _class(g: Gen, role: str, name: str) -> list[str]:
     if g.chance(0.2):
         body.append(f"{g.pick(('num_experts', 'weight', 'mlp', 'experts', 'layers'))}{g.pick((': int', ''))} = {g.pick(CONSTANTS[:8])}")
     # __init__ and (for a layer) a stage-1 method make the class recognisable; usually there
-    essential = [m for m in ESSENTIAL_METHODS[role] if not g.chance(0.15)]
+    essential = [m for m in ESSENTIAL_METHODS[role] if g.chance(0.85)]
     if role == "layer" and essential:
         essential[-1] = g.pick(tuple({p.stage1 for p in PROFILES.values()}))
     methods = list(dict.fromkeys(essential + [g.pick(ROLE_METHODS[role]) for _ in range(g.count(0, 6))]))
@@ -799,7 +800,7 @@ def _class(g: Gen, role: str, name: str) -> list[str]:
         templates = SNIPPETS[role]
         if method == "__init__":
             templates = INIT_SNIPPETS.get(role, ()) + SNIPPETS[role][:4]
-        core = CORE[(role, method)](g) if (role, method) in CORE and not g.chance(0.2) else []
+        core = CORE[(role, method)](g) if (role, method) in CORE and g.chance(0.8) else []
         function = g.function(2, nested=False, templates=templates, in_class=True, name=method, core=core)
         if method == "backward" and g.chance(0.7):
             function.insert(0, "@staticmethod")
