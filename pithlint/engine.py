@@ -248,7 +248,12 @@ class LintRun:
                 start, end = code_range.start, code_range.end
                 findings.append(Finding(rule.code, rule.name, path, start.line, start.column + 1, end.line, end.column + 1, pending.message, rule.severity, pending.fix))
                 continue
-            code_range = ranges[pending.node]
+            code_range = ranges.get(pending.node)
+            if code_range is None:  # a rule bug (a node of another tree): say so, lint on
+                findings.append(
+                    Finding(*INTERNAL_ERROR, ctx.path, 1, 1, 1, 1, f"internal error in rule {rule.code} ({rule.name}): it reported a node that is not in this file; please report it")
+                )
+                continue
             findings.append(
                 Finding(
                     rule.code,

@@ -1,5 +1,6 @@
-"""A rule that crashes is reported as a PTL000 finding naming the rule, never a traceback;
-the other rules still report on that file, and the other files are still linted."""
+"""A rule that crashes (or reports a node it cannot have found in the file) is reported as a
+PTL000 finding naming the rule, never a traceback; the other rules still report on that
+file, and the other files are still linted."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import textwrap
 
 import pytest
+
+import libcst as cst
 
 from pithlint import registry
 from pithlint.cli import main
@@ -36,9 +39,23 @@ class CrashingRule(Rule):
             raise ZeroDivisionError("deliberate failure for the test")
 
 
+class StrayNodeRule(Rule):
+    """Reports a node that is not in the file's tree (as a rule that reports a node of
+    another file without naming that file would)."""
+
+    code = "PTL997"
+    name = "stray-node-rule"
+    message = "never positioned"
+    model_files_only = False
+
+    def check(self) -> None:
+        if "CRASH_HERE" in self.ctx.source:
+            self.report(cst.Name("elsewhere"))
+
+
 @pytest.fixture
 def crashing_registry(monkeypatch):
-    rules = (*registry.all_rules(), CrashingRule)
+    rules = (*registry.all_rules(), CrashingRule, StrayNodeRule)
     monkeypatch.setattr(registry, "all_rules", lambda: rules)
     monkeypatch.setattr(registry, "by_code", lambda: {r.code: r for r in rules})
     # the catalog and its lookups are built from all_rules() on first use: rebuild them
@@ -68,10 +85,12 @@ def test_crashing_rule_is_a_finding_and_the_other_files_are_linted(crashing_regi
     assert code == 2  # an internal error fails the run
     assert "Traceback" not in out + err
     lines = out.splitlines()
-    crash = [line for line in lines if "PTL000" in line]
-    assert len(crash) == 1, out
-    assert crash[0].startswith("a_crash.py:1:1: PTL000 [internal-error] internal error in rule PTL998 (crashing-rule): ")
-    assert "ZeroDivisionError: deliberate failure for the test" in crash[0]
+    crash = sorted(line for line in lines if "PTL000" in line)
+    assert len(crash) == 2, out
+    assert crash[0].startswith("a_crash.py:1:1: PTL000 [internal-error] internal error in rule PTL997 (stray-node-rule): ")
+    assert "reported a node that is not in this file" in crash[0]
+    assert crash[1].startswith("a_crash.py:1:1: PTL000 [internal-error] internal error in rule PTL998 (crashing-rule): ")
+    assert "ZeroDivisionError: deliberate failure for the test" in crash[1]
     # the crash hides neither the other rules' findings on that file nor the other file
     assert any(line.startswith("a_crash.py:5:12: PTL303 ") for line in lines), out
     assert any(line.startswith("b_fine.py:4:12: PTL303 ") for line in lines), out
@@ -82,8 +101,8 @@ def test_crash_in_json_output(crashing_registry, project, capsys):
     assert code == 2
     findings = json.loads(out)
     crash = [f for f in findings if f["code"] == "PTL000"]
-    assert [(f["path"], f["name"]) for f in crash] == [("a_crash.py", "internal-error")]
-    assert "PTL998 (crashing-rule)" in crash[0]["message"]
+    assert [(f["path"], f["name"]) for f in crash] == [("a_crash.py", "internal-error")] * 2
+    assert sorted("PTL998 (crashing-rule)" in f["message"] for f in crash) == [False, True]
     assert sorted((f["path"], f["code"]) for f in findings if f["code"] != "PTL000") == [("a_crash.py", "PTL303"), ("b_fine.py", "PTL303")]
 
 
