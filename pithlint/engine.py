@@ -240,7 +240,11 @@ class LintRun:
                 # A finding in another file of the project (the harness, the converter, ...),
                 # written relative or absolute like the linted file's path.
                 path = display_like(pending.path, ctx.path)
-                code_range = ctx.project.position(pending.path, pending.node) if ctx.project and pending.node is not None else None
+                try:
+                    code_range = ctx.project.position(pending.path, pending.node) if ctx.project and pending.node is not None else None
+                except KeyError:  # a rule bug (a node of another tree): say so, lint on
+                    findings.append(_stray_node(ctx.path, rule))
+                    continue
                 if code_range is None:
                     line = pending.line or 1
                     findings.append(Finding(rule.code, rule.name, path, line, 1, line, 1, pending.message, rule.severity, pending.fix))
@@ -250,9 +254,7 @@ class LintRun:
                 continue
             code_range = ranges.get(pending.node)
             if code_range is None:  # a rule bug (a node of another tree): say so, lint on
-                findings.append(
-                    Finding(*INTERNAL_ERROR, ctx.path, 1, 1, 1, 1, f"internal error in rule {rule.code} ({rule.name}): it reported a node that is not in this file; please report it")
-                )
+                findings.append(_stray_node(ctx.path, rule))
                 continue
             findings.append(
                 Finding(
@@ -408,6 +410,11 @@ def decode_source(data: bytes) -> tuple[str, str, tuple[str, int, int] | None]:
     if text.startswith("\ufeff"):
         text = text[1:]
     return text, encoding, None
+
+
+def _stray_node(path: str, rule) -> Finding:
+    message = f"internal error in rule {rule.code} ({rule.name}): it reported a node that is not in the file it names; please report it"
+    return Finding(*INTERNAL_ERROR, path, 1, 1, 1, 1, message)
 
 
 def _file_error(path: str, message: str, line: int = 1, column: int = 1) -> Finding:

@@ -51,6 +51,10 @@ class StrayNodeRule(Rule):
     def check(self) -> None:
         if "CRASH_HERE" in self.ctx.source:
             self.report(cst.Name("elsewhere"))
+        project = self.ctx.project
+        if "STRAY_IN_HARNESS" in self.ctx.source and project is not None and project.file(self.profile.harness):
+            # a node of this file, reported as if it were in the harness
+            self.report(self.ctx.module.body[0], path=str(project.root / self.profile.harness))
 
 
 @pytest.fixture
@@ -88,7 +92,7 @@ def test_crashing_rule_is_a_finding_and_the_other_files_are_linted(crashing_regi
     crash = sorted(line for line in lines if "PTL000" in line)
     assert len(crash) == 2, out
     assert crash[0].startswith("a_crash.py:1:1: PTL000 [internal-error] internal error in rule PTL997 (stray-node-rule): ")
-    assert "reported a node that is not in this file" in crash[0]
+    assert "reported a node that is not in the file it names" in crash[0]
     assert crash[1].startswith("a_crash.py:1:1: PTL000 [internal-error] internal error in rule PTL998 (crashing-rule): ")
     assert "ZeroDivisionError: deliberate failure for the test" in crash[1]
     # the crash hides neither the other rules' findings on that file nor the other file
@@ -104,6 +108,18 @@ def test_crash_in_json_output(crashing_registry, project, capsys):
     assert [(f["path"], f["name"]) for f in crash] == [("a_crash.py", "internal-error")] * 2
     assert sorted("PTL998 (crashing-rule)" in f["message"] for f in crash) == [False, True]
     assert sorted((f["path"], f["code"]) for f in findings if f["code"] != "PTL000") == [("a_crash.py", "PTL303"), ("b_fine.py", "PTL303")]
+
+
+def test_node_reported_in_the_wrong_project_file(crashing_registry, project, capsys):
+    (project / "tests").mkdir()
+    (project / "tests" / "test_fsdp.py").write_text("def fill_weights(module):\n    pass\n", encoding="utf-8")
+    (project / "a_crash.py").write_text("# STRAY_IN_HARNESS\n" + VIEW_BUG, encoding="utf-8")
+    code, out, err = run_cli(["--no-cache", "--profile", "v1", "a_crash.py", "b_fine.py"], capsys)
+    assert code == 2
+    assert "Traceback" not in out + err and "internal error:" not in err
+    crash = [line for line in out.splitlines() if "PTL000" in line]
+    assert len(crash) == 1 and crash[0].startswith("a_crash.py:1:1: PTL000 [internal-error] internal error in rule PTL997 (stray-node-rule): "), out
+    assert "b_fine.py:4:12: PTL303 " in out
 
 
 def test_without_the_crash_the_run_only_reports_findings(crashing_registry, project, capsys):
