@@ -23,9 +23,9 @@ Every example is linted in a fresh run over a copy of ``tests/fixtures/projects/
 the cross-file rules find a project around it and a failure reproduces on its own.
 
 CI runs a small, seeded, bounded number of examples (30 s of CPU in all). The long run
-sets the number of examples per generator, and optionally another seed (about 0.15 s of CPU
-per structure-aware example, 0.1 s per grammar one, 0.4 s per node one: 5000 each take
-roughly an hour on one core; run one generator per process to use more):
+sets the number of examples per generator, and optionally another seed (about 0.2 s of CPU
+per structure-aware example, 0.1 s per grammar one, 0.5 s per node one: 5000 each take about
+an hour and a half on one core; run one generator per process to use more cores):
 
     PITHLINT_FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py
     PITHLINT_FUZZ_EXAMPLES=5000 PITHLINT_FUZZ_SEED=7 python -m pytest tests/test_fuzz.py -k model_like
