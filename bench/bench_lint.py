@@ -158,6 +158,9 @@ def main() -> None:
         results: dict[str, dict[str, dict]] = {"pithlint": {}}
         for scenario, (paths, root, prepare) in scenarios.items():
             results["pithlint"][scenario] = measure([*PITHLINT, *paths], root, args.runs, prepare)
+            code = results["pithlint"][scenario]["code"]
+            if code not in (0, 1):  # 2: pithlint could not run; its times would mean nothing
+                sys.exit(f"pithlint exited with code {code} on '{scenario}' ({' '.join(PITHLINT)}): fix that first")
         # The other tools have no result cache (ruff runs with --no-cache): cold only.
         for name, command in ANCHORS.items():
             if args.no_anchors or shutil.which(command[0]) is None:
@@ -174,6 +177,8 @@ def main() -> None:
         print(f"\n{'cpu seconds (median)':34}" + "".join(f"{t:>22}" for t in tools))
         for scenario in scenarios:
             print(f"{scenario:34}" + "".join(f"{cpu_cell(results[t].get(scenario)):>22}" for t in tools))
+
+        print("\nexit codes: " + ", ".join(f"{t} {results[t]['folder, cold']['code']}" for t in tools))
 
         def median(tool: str, scenario: str) -> float:
             return statistics.median(results[tool][scenario]["wall"])
