@@ -38,12 +38,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pithlint import __version__, registry
+from pithlint.engine import FileResult
 from pithlint.registry import RuleInfo
 from pithlint.rule import Finding
 
 if TYPE_CHECKING:
     from pithlint.config import Settings
-    from pithlint.engine import FileResult, LintRun
+    from pithlint.engine import LintRun
     from pithlint.profiles import Profile
 
 # Bump when the layout of an entry changes.
@@ -129,7 +130,7 @@ class StoredFix:
 def portable(finding: Finding, edits: dict[int, list[dict] | None] | None = None) -> Finding:
     """``finding`` with its fix reduced to a :class:`StoredFix` (with the edits when given)."""
     fix = finding.fix
-    if fix is None or isinstance(fix, StoredFix):
+    if fix is None:
         return finding
     rendered = edits is not None and id(finding) in edits
     return replace(finding, fix=StoredFix(fix.applicability, fix.description, edits.get(id(finding)) if rendered else None, rendered))
@@ -257,8 +258,6 @@ class ResultCache:
         return self.folder / "results" / f"{key}.json"
 
     def get(self, key: str, display: str) -> Linted | None:
-        from pithlint.engine import FileResult
-
         try:
             data = json.loads(self._entry(key).read_text(encoding="utf-8"))
             if data["key"] != key or data["path"] != display:

@@ -16,9 +16,10 @@ if TYPE_CHECKING:
     from pithlint.cache import ResultCache
     from pithlint.engine import LintRun
 
-# A worker costs a fork plus its own parse of the project index (about 0.1 s for upstream
-# PithTrain's harness, training module and converters); below this many files per worker
-# the pool loses to a serial run (measured with bench/bench_lint.py).
+# Starting the pool costs a few tens of milliseconds (multiprocessing's import, the forks);
+# a file takes about 35 ms to lint (upstream PithTrain's pithtrain/ on 2 cores). Eight files
+# per worker keeps a pre-commit run of a handful of files serial, where the gain is small
+# and the spread of a busy machine is not.
 FILES_PER_WORKER = 8
 
 # What forked workers inherit: (run, with_edits). Set only while a pool runs.
