@@ -168,6 +168,7 @@ class LintRun:
     def _lint_source(self, source: str, path: str, module: cst.Module | None) -> list[Finding]:
         import libcst as cst
 
+        from pithlint.analysis.walk import indexed
         from pithlint.context import FileContext
 
         too_deep = excessive_nesting(source)
@@ -181,6 +182,13 @@ class LintRun:
         except cst.ParserSyntaxError as exc:
             return [_syntax_error(path, source, exc)] if "PTL001" in self.enabled else []
         ctx = FileContext(path, source, module, self.profile, project=project, private_paths=tuple(self.settings.private_paths))
+        with indexed(module):
+            findings = self._run_rules(ctx)
+        findings.extend(self._position(ctx))
+        return self._filter(findings, source, path, project)
+
+    def _run_rules(self, ctx: FileContext) -> list[Finding]:
+        """Run every active rule on ``ctx``; a rule that crashes is a PTL000 finding."""
         findings: list[Finding] = []
         for rule_cls in self.rules:
             if rule_cls.model_files_only and not ctx.is_model_file:
@@ -193,7 +201,7 @@ class LintRun:
                 findings.append(
                     Finding(
                         *INTERNAL_ERROR,
-                        path,
+                        ctx.path,
                         1,
                         1,
                         1,
@@ -203,8 +211,7 @@ class LintRun:
                         "please report it",
                     )
                 )
-        findings.extend(self._position(ctx))
-        return self._filter(findings, source, path, project)
+        return findings
 
     def project_for(self, path: str) -> Project | None:
         """The cross-file index of the project ``path`` belongs to: the configured root when

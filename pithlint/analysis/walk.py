@@ -3,13 +3,15 @@
 libcst's own visitor machinery introspects every visitor class for every file and its
 metadata wrapper deep-copies the module; both dominate the cost of a lint run. Rules here
 walk plain dataclass fields instead, with the field list of each node type computed once
-per process.
+per process. While the engine runs the rules on a file, that file's tree is indexed once
+(:func:`indexed`) and every walk of one of its subtrees is a slice of the index.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 import libcst as cst
@@ -100,8 +102,7 @@ def _is_node(kind: type) -> bool:
     return known
 
 
-def children(node: cst.CSTNode) -> list[cst.CSTNode]:
-    """The direct code-bearing children of ``node``, in source order."""
+def _fields_children(node: cst.CSTNode) -> list[cst.CSTNode]:
     found = []
     for name in _child_fields(type(node)):
         value = getattr(node, name)
@@ -112,13 +113,79 @@ def children(node: cst.CSTNode) -> list[cst.CSTNode]:
     return found
 
 
+class _TreeIndex:
+    """One tree's nodes in :func:`walk` order, with where each node's subtree ends: the
+    rules walk the linted file's subtrees dozens of times, and a slice of this list costs
+    far less than reading every node's fields again."""
+
+    def __init__(self, root: cst.CSTNode) -> None:
+        order: list[cst.CSTNode] = []
+        parents: list[int] = []
+        stack: list[tuple[cst.CSTNode, int]] = [(root, -1)]
+        while stack:
+            current, parent = stack.pop()
+            index = len(order)
+            order.append(current)
+            parents.append(parent)
+            below = _fields_children(current)
+            stack.extend((child, index) for child in reversed(below))
+        # A subtree is contiguous in depth-first order: it ends where its last descendant does.
+        ends = list(range(1, len(order) + 1))
+        for index in range(len(order) - 1, 0, -1):
+            parent = parents[index]
+            ends[parent] = max(ends[parent], ends[index])
+        self.order = order
+        self.ends = ends
+        # Keyed by id(): libcst nodes hash in Python; the list keeps every id alive.
+        self.position = {id(node): index for index, node in enumerate(order)}
+
+
+_index: _TreeIndex | None = None
+
+
+@contextmanager
+def indexed(root: cst.CSTNode) -> Iterator[None]:
+    """Walks inside the block read the subtrees of ``root`` from one precomputed index."""
+    global _index
+    previous, _index = _index, _TreeIndex(root)
+    try:
+        yield
+    finally:
+        _index = previous
+
+
+def _located(node: cst.CSTNode) -> int | None:
+    """The position of ``node`` in the active index, or None when it is not in it."""
+    if _index is None:
+        return None
+    return _index.position.get(id(node))
+
+
+def children(node: cst.CSTNode) -> list[cst.CSTNode]:
+    """The direct code-bearing children of ``node``, in source order."""
+    start = _located(node)
+    if start is None:
+        return _fields_children(node)
+    order, ends = _index.order, _index.ends
+    found = []
+    index, end = start + 1, ends[start]
+    while index < end:
+        found.append(order[index])
+        index = ends[index]
+    return found
+
+
 def walk(node: cst.CSTNode) -> Iterator[cst.CSTNode]:
     """``node`` and every code-bearing node below it, depth first, in source order."""
+    start = _located(node)
+    if start is not None:
+        yield from _index.order[start : _index.ends[start]]
+        return
     stack = [node]
     while stack:
         current = stack.pop()
         yield current
-        below = children(current)
+        below = _fields_children(current)
         below.reverse()
         stack.extend(below)
 
@@ -131,7 +198,17 @@ def walk_no_nested_scopes(node: cst.CSTNode) -> Iterator[cst.CSTNode]:
 
     The body of ``node`` itself is walked even when ``node`` is a function.
     """
-    stack = children(node)
+    start = _located(node)
+    if start is not None:
+        order, ends = _index.order, _index.ends
+        yield node
+        index, end = start + 1, ends[start]
+        while index < end:
+            current = order[index]
+            yield current
+            index = ends[index] if type(current) in _SCOPES else index + 1
+        return
+    stack = _fields_children(node)
     stack.reverse()
     yield node
     while stack:
@@ -139,7 +216,7 @@ def walk_no_nested_scopes(node: cst.CSTNode) -> Iterator[cst.CSTNode]:
         yield current
         if type(current) in _SCOPES:
             continue
-        below = children(current)
+        below = _fields_children(current)
         below.reverse()
         stack.extend(below)
 
