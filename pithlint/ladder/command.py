@@ -3,7 +3,8 @@
 Exit codes: 0 every selected check ran and passed; 1 a check failed (a hang included);
 2 a usage or configuration error; 3 nothing failed but not every selected check ran
 (a rung that needs more GPUs than exist, a tier the harness cannot run): a skipped check
-never counts as passed.
+never counts as passed; 130 (143) Ctrl-C (SIGTERM) interrupted the run: its processes
+are ended and the reports written, the interrupted check marked as such.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import click
 
 from pithlint.config import ConfigError
 from pithlint.ladder.launch import resolve_device
-from pithlint.ladder.report import EXIT_ERROR, exit_code, make_view, print_final, report_json, report_junit
+from pithlint.ladder.report import (
+    EXIT_ERROR,
+    exit_code,
+    interruption_line,
+    make_view,
+    print_final,
+    report_json,
+    report_junit,
+)
 from pithlint.ladder.runner import run_ladder
 from pithlint.ladder.targets import resolve_targets
 from pithlint.ladder.tiers import RUNGS, TIERS, Options
@@ -109,4 +118,7 @@ def ladder_command(models, rungs, tiers, device, timeout_s, json_file, junit_fil
         Path(json_file).write_text(json.dumps(report, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     if junit_file:
         Path(junit_file).write_text(report_junit(results, wall_s), encoding="utf-8")
+    stopped = interruption_line(results, wall_s)
+    if stopped:
+        print(stopped, file=sys.stderr, flush=True)
     sys.exit(exit_code(results))

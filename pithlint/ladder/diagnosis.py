@@ -57,6 +57,14 @@ The harness (``tests/test_fsdp.py --result-dir DIR``) writes, per rank R:
     Non-finite numbers are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"``
     (the files are strict JSON).
 
+``DIR/log.txt``
+    What the launcher and the ranks printed (the runner writes it, ``launch.run_group``).
+    A rank killed by a signal writes no result; torchrun's failure summary there names it
+    (``rank : 1 (local_rank: 1)`` / ``exitcode : -11``), and the runner's
+    ``PYTHONFAULTHANDLER=1`` makes the rank print its Python stack on a fatal signal.
+    ``load_results`` turns such a rank into a record of its own (``status: "error"``,
+    ``signal``, ``error``, ``traceback``: that stack, when the log holds exactly one).
+
 ``diagnose(records, progress)`` turns the records of one rung into a ``Verdict``: its
 ``kind`` is one of ``KINDS`` and its ``message`` says in plain words what is probably wrong
 and where to look (the classes of ``ladder.md``, "Diagnosis").
@@ -67,6 +75,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
@@ -97,6 +106,41 @@ RUNG_ADDS = {
     (1, 2): "the all-to-all, token deduplication, expert sharding and expert-bias slicing",
     (2, 2): "the combination of pipeline and expert parallelism",
 }
+
+
+# Signals the launcher sends to stop the ranks that are still running once one has failed
+# (torchrun: SIGTERM, SIGKILL after its grace period): a rank ended by one did not fail by
+# itself. SIGKILL still counts: the kernel's out-of-memory killer sends it too.
+STOP_SIGNALS = (signal.SIGTERM,)
+# What usually sends each fatal signal to a training rank.
+SIGNAL_CAUSES = {
+    signal.SIGSEGV: "an invalid memory access in native code (a C++/CUDA extension or "
+    "kernel, ctypes, a use after free)",
+    signal.SIGBUS: "an invalid memory access in native code (often a truncated "
+    "memory-mapped file or full /dev/shm)",
+    signal.SIGABRT: "an abort in native code (a failed C++ assertion, an uncaught C++ "
+    "exception, a NCCL or CUDA error handler)",
+    signal.SIGKILL: "killed from outside, most often by the kernel's out-of-memory killer "
+    "(see dmesg)",
+    signal.SIGFPE: "an integer division by zero in native code",
+    signal.SIGILL: "an instruction this CPU does not have (a binary built for another CPU)",
+}
+# torchrun's failure summary, per failed rank: "rank : 1 (local_rank: 1)" then
+# "exitcode : -11 (pid: 4242)"; a negative exit code is the signal that ended it.
+_SIGNAL_EXIT = re.compile(
+    r"^\s*rank\s*: (?P<rank>\d+) \(local_rank: \d+\)\n\s*exitcode\s*: -(?P<signum>\d+) ", re.M
+)
+# faulthandler's report of a fatal signal: the stack of every thread.
+_FAULT_STACK = re.compile(
+    r"^Fatal Python error: .*\n\n((?:(?:Current thread|Thread) 0x[0-9a-f]+ .*\n(?:  .*\n)*\n?)+)",
+    re.M,
+)
+# The error a rank raises when a peer vanished under a collective: the consequence of
+# another rank's death, not a cause of its own.
+_PEER_LOST = re.compile(
+    r"Connection (?:reset|closed) by peer|Broken pipe|remote process exited|"
+    r"communicator was aborted"
+)
 
 
 def to_float(value) -> Optional[float]:
@@ -190,8 +234,48 @@ def summarize_record(record: Mapping) -> dict:
     }
 
 
+def describe_signal(signum: int) -> str:
+    """``SIGSEGV (Segmentation fault)``; a number this platform has no name for stays one."""
+    try:
+        return f"{signal.Signals(signum).name} ({signal.strsignal(signum)})"
+    except ValueError:
+        return str(signum)
+
+
+def signal_deaths(log_text: str) -> dict[int, int]:
+    """Rank -> signal, for every rank torchrun's summary says a signal ended, except the
+    signals torchrun stops the other ranks with (``STOP_SIGNALS``)."""
+    deaths = {}
+    for match in _SIGNAL_EXIT.finditer(log_text):
+        signum = int(match["signum"])
+        if signum not in STOP_SIGNALS:
+            deaths[int(match["rank"])] = signum
+    return deaths
+
+
+def signal_records(log_text: str, progress: Mapping[int, str]) -> list[dict]:
+    """A record for every rank that a signal killed (``signal_deaths``), with faulthandler's
+    stack when the log holds exactly one and exactly one rank died: the ranks' output is
+    not prefixed, so with more it is not known whose stack is whose."""
+    deaths = signal_deaths(log_text)
+    stacks = _FAULT_STACK.findall(log_text)
+    stack = stacks[0].rstrip() if len(stacks) == 1 and len(deaths) == 1 else ""
+    return [
+        {
+            "rank": rank,
+            "status": "error",
+            "signal": signum,
+            "error": f"signal {describe_signal(signum)}",
+            "traceback": stack,
+            "last_progress": progress.get(rank),
+        }
+        for rank, signum in sorted(deaths.items())
+    ]
+
+
 def load_results(result_dir: Path | str) -> tuple[list[dict], dict[int, str]]:
-    """Every ``rank*.json`` record and every rank's last progress line in ``result_dir``."""
+    """Every ``rank*.json`` record and every rank's last progress line in ``result_dir``,
+    plus a record for each rank without one that ``log.txt`` says a signal killed."""
     result_dir = Path(result_dir)
     records = []
     for path in sorted(result_dir.glob("rank*.json")):
@@ -201,6 +285,11 @@ def load_results(result_dir: Path | str) -> tuple[list[dict], dict[int, str]]:
         match = re.fullmatch(r"rank(\d+)\.progress", path.name)
         if match:
             progress[int(match.group(1))] = path.read_text(encoding="utf-8").strip()
+    log = result_dir / "log.txt"
+    if log.is_file():
+        reported = {r.get("rank") for r in records}
+        log_text = log.read_text(encoding="utf-8", errors="replace")
+        records += [r for r in signal_records(log_text, progress) if r["rank"] not in reported]
     return records, progress
 
 
@@ -216,7 +305,45 @@ def _rung_note(records: list[Mapping]) -> str:
     return f" If the rung before {pp}x{ep} passed, the suspect is what it adds: {adds}."
 
 
-def _crash_verdict(crashed: Mapping, others: dict[int, str]) -> Verdict:
+def _crash_order(record: Mapping) -> int:
+    """Which crash to report when several ranks failed: an exception of the rank's own
+    first, then a fatal signal, then an error about a peer that vanished (the consequence
+    of another rank's death)."""
+    if "signal" in record:
+        return 1
+    return 2 if _PEER_LOST.search(record.get("error") or "") else 0
+
+
+def _others(crashed: Mapping, records: list[Mapping], last_doing: Mapping[int, str]) -> str:
+    """What every other rank was last doing, and how it ended if it wrote a record."""
+    doing = dict(last_doing)
+    for record in records:
+        rank = record.get("rank")
+        if rank == crashed.get("rank"):
+            continue
+        ended = record.get("error") or record.get("status")
+        doing[rank] = f"{record.get('last_progress') or 'no progress reported'}, then {ended}"
+    return "; ".join(f"rank {r}: {what}" for r, what in sorted(doing.items()))
+
+
+def _signal_verdict(crashed: Mapping, others: str) -> Verdict:
+    rank, tb = crashed.get("rank"), crashed.get("traceback") or ""
+    cause = SIGNAL_CAUSES.get(crashed["signal"], "a signal sent to it")
+    lines = [
+        f"Rank {rank} died of {crashed['error']} during "
+        f"'{crashed.get('last_progress') or 'startup'}' (its last progress line). It raised "
+        f"no Python exception and wrote no result: the usual cause is {cause}."
+    ]
+    if tb:
+        lines.append(f"Python stack of rank {rank} when the signal came (faulthandler):\n{tb}")
+    else:
+        lines.append("The log holds no Python stack that is certainly this rank's.")
+    if others:
+        lines.append("Other ranks were last doing: " + others)
+    return Verdict(False, "crash", "\n".join(lines), rank=rank)
+
+
+def _crash_verdict(crashed: Mapping, others: str) -> Verdict:
     tb = crashed.get("traceback") or ""
     error = crashed.get("error") or "an exception"
     rank = crashed.get("rank")
@@ -237,16 +364,18 @@ def _crash_verdict(crashed: Mapping, others: dict[int, str]) -> Verdict:
             "A pipeline stage produced a tensor whose shape or dtype differs from "
             "set_p2p_tensor_shapes / set_p2p_tensor_dtype."
         )
+    elif _PEER_LOST.search(error):
+        hint = (
+            "This rank lost a peer under a collective: the cause is most likely another "
+            "rank that died first (see the other ranks and the log)."
+        )
     lines = [f"Rank {rank} crashed with {error}."]
     if hint:
         lines.append(hint)
     if tb:
         lines.append("Traceback of rank %s:\n%s" % (rank, tb.rstrip()))
     if others:
-        lines.append(
-            "Other ranks were last doing: "
-            + "; ".join(f"rank {r}: {what}" for r, what in sorted(others.items()))
-        )
+        lines.append("Other ranks were last doing: " + others)
     return Verdict(False, "crash", "\n".join(lines), code=code, rank=rank)
 
 
@@ -334,9 +463,12 @@ def diagnose(
         if rank not in reported
     }
 
-    crashed = [r for r in records if r.get("status") == "error"]
+    crashed = sorted((r for r in records if r.get("status") == "error"), key=_crash_order)
     if crashed:
-        return _crash_verdict(crashed[0], last_doing)
+        others = _others(crashed[0], records, last_doing)
+        if "signal" in crashed[0]:
+            return _signal_verdict(crashed[0], others)
+        return _crash_verdict(crashed[0], others)
     if not records or last_doing:
         missing = ", ".join(f"rank {r} (last: {what})" for r, what in sorted(last_doing.items()))
         return Verdict(

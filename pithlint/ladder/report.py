@@ -1,9 +1,10 @@
 """What the runner shows and writes: the live view, the final table, the JSON and JUnit
-reports. A skipped or not-run check is always shown as such, never as passed."""
+reports. A skipped, not-run or interrupted check is always shown as such, never as passed."""
 
 from __future__ import annotations
 
 import math
+import signal
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Optional, TextIO
@@ -24,9 +25,22 @@ class ModelResult:
     checks: list  # (Check, Outcome), in the order they ran
 
 
+def interrupted(results: list[ModelResult]) -> Optional[tuple[str, Check, Outcome]]:
+    """(model name, check, outcome) of the check Ctrl-C or SIGTERM interrupted, if any."""
+    for result in results:
+        for check, outcome in result.checks:
+            if outcome.status == "interrupted":
+                return result.target.name, check, outcome
+    return None
+
+
 def exit_code(results: list[ModelResult]) -> int:
     """0 only when every selected check ran and passed; 1 when one failed; 3 when none
-    failed but some did not run (skipped: not enough GPUs, a tier the harness lacks)."""
+    failed but some did not run (skipped: not enough GPUs, a tier the harness lacks);
+    128 + the signal (130 for Ctrl-C) when the run was interrupted, whatever ran before."""
+    stopped = interrupted(results)
+    if stopped is not None:
+        return 128 + signal.Signals[stopped[2].details["signal"]]
     statuses = {o.status for r in results for _, o in r.checks}
     if "failed" in statuses:
         return EXIT_FAILED
@@ -47,6 +61,8 @@ def _result_text(outcome: Outcome) -> str:
         return f"SKIPPED: {outcome.message}"
     if outcome.status == "not-run":
         return "not run"
+    if outcome.status == "interrupted":
+        return f"INTERRUPTED ({outcome.details['signal']})"
     return "passed"
 
 
@@ -114,7 +130,12 @@ class RichView:
         self.live.update(grid)
 
     def finish(self, target: Target, check: Check, outcome: Outcome) -> None:
-        style = {"passed": "green", "failed": "bold red", "skipped": "yellow"}.get(outcome.status)
+        style = {
+            "passed": "green",
+            "failed": "bold red",
+            "skipped": "yellow",
+            "interrupted": "bold yellow",
+        }.get(outcome.status)
         text = _result_text(outcome)
         line = f"[{style}]{text}[/{style}] ({outcome.time_s:.1f} s)" if style else text
         self.live.console.print(f"{self.title}: {line}", highlight=False)
@@ -148,7 +169,9 @@ def table_rows(results: list[ModelResult]) -> list[list[str]]:
                     str(check.tier),
                     _check_name(check),
                     _result_text(outcome),
-                    f"{outcome.time_s:.1f} s" if outcome.status in ("passed", "failed") else "",
+                    f"{outcome.time_s:.1f} s"
+                    if outcome.status in ("passed", "failed", "interrupted")
+                    else "",
                     _fmt_diff(outcome.worst_diff),
                     outcome.worst_param or "",
                 ]
@@ -166,7 +189,10 @@ def summary(results: list[ModelResult], wall_s: float) -> str:
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
     parts = ", ".join(f"{n} {status}" for status, n in counts.items())
     code = exit_code(results)
-    if code == EXIT_PASSED:
+    stopped = interrupted(results)
+    if stopped is not None:
+        head = f"INTERRUPTED by {stopped[2].details['signal']}: the run did not finish"
+    elif code == EXIT_PASSED:
         head = "PASSED: every selected check ran and passed"
     elif code == EXIT_FAILED:
         head = "FAILED"
@@ -178,12 +204,26 @@ def summary(results: list[ModelResult], wall_s: float) -> str:
     return f"{head} ({parts}; {len(results)} model(s), {wall_s:.1f} s). Exit code {code}."
 
 
+def interruption_line(results: list[ModelResult], wall_s: float) -> Optional[str]:
+    """The one line that says a run was interrupted, and in which check."""
+    stopped = interrupted(results)
+    if stopped is None:
+        return None
+    name, check, outcome = stopped
+    return (
+        f"pithlint --run-ladder: interrupted by {outcome.details['signal']} during {name}: "
+        f"tier {check.tier} {_check_name(check)} after {outcome.time_s:.1f} s "
+        f"({wall_s:.1f} s in all); its processes are ended, it and every check after it "
+        f"count as not passed. Exit code {exit_code(results)}."
+    )
+
+
 def diagnoses(results: list[ModelResult]) -> list[tuple[str, str]]:
-    """(heading, message) for every failed check, in run order."""
+    """(heading, message) for every failed or interrupted check, in run order."""
     out = []
     for result in results:
         for check, outcome in result.checks:
-            if outcome.status == "failed":
+            if outcome.status in ("failed", "interrupted"):
                 heading = f"{result.target.name}: tier {check.tier} {_check_name(check)}"
                 out.append((f"{heading}: {_result_text(outcome)}", outcome.message))
     return out
@@ -278,13 +318,14 @@ def report_json(results: list[ModelResult], options: Options, wall_s: float) -> 
 
 def report_junit(results: list[ModelResult], wall_s: float) -> str:
     """One test case per model and check (every rung among them); a ``skipped`` element for
-    a skipped or not-run check, a ``failure`` with the diagnosis for a failed one."""
+    a skipped or not-run check, a ``failure`` with the diagnosis for a failed one, an
+    ``error`` for an interrupted one."""
 
     def counts(pairs) -> dict:
         return {
             "tests": str(len(pairs)),
             "failures": str(sum(o.status == "failed" for _, o in pairs)),
-            "errors": "0",
+            "errors": str(sum(o.status == "interrupted" for _, o in pairs)),
             "skipped": str(sum(o.status in ("skipped", "not-run") for _, o in pairs)),
             "time": f"{sum(o.time_s for _, o in pairs):.3f}",
         }
@@ -311,6 +352,12 @@ def report_junit(results: list[ModelResult], wall_s: float) -> str:
                 failure.text = _xml_text(outcome.message)
             elif outcome.status in ("skipped", "not-run"):
                 ET.SubElement(case, "skipped", message=_xml_text(outcome.message))
+            elif outcome.status == "interrupted":
+                signal_name = outcome.details["signal"]
+                error = ET.SubElement(
+                    case, "error", type="interrupted", message=f"interrupted by {signal_name}"
+                )
+                error.text = _xml_text(outcome.message)
     ET.indent(suites)
     xml = ET.tostring(suites, encoding="unicode")
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + xml + "\n"
