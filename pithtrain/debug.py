@@ -2,9 +2,10 @@
 
 ``PITHTRAIN_POISON_UNINITIALIZED=1`` makes every buffer the framework hands out
 uninitialised (the padding rows of ``scatter_for_grouped_gemm``, the rows a grouped GEMM
-leaves unwritten, receive buffers) come back filled with NaN instead of whatever the
-allocator had there. A model that lets such rows reach its gradients then fails on every
-allocator and every run, instead of only when recycled memory happens to hold NaN.
+leaves unwritten, receive buffers) come back filled with NaN (integer buffers: their
+dtype's largest value) instead of whatever the allocator had there. A model that lets such
+rows reach its gradients then fails on every allocator and every run, instead of only when
+recycled memory happens to hold NaN.
 """
 
 import contextlib
@@ -20,6 +21,21 @@ POISON_ENV = "PITHTRAIN_POISON_UNINITIALIZED"
 def poison_enabled() -> bool:
     """Whether the NaN poisoning of uninitialised buffers is switched on."""
     return os.environ.get(POISON_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def poisoning(enabled: bool) -> Iterator[None]:
+    """Switch the poisoning on or off inside the block, then restore the switch: one process
+    can run the same model unpoisoned and poisoned (pithlint's PTR020 probe)."""
+    previous = os.environ.get(POISON_ENV)
+    os.environ[POISON_ENV] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[POISON_ENV]
+        else:
+            os.environ[POISON_ENV] = previous
 
 
 def _poison_value(dtype: torch.dtype) -> float | int:

@@ -45,28 +45,25 @@ def load_harness(path: Path):
     return module
 
 
-def run(args, harness, reporter, record: dict) -> None:
+def build_model(args, harness, device: torch.device, dtype: torch.dtype):
+    """``(config, model)``: the harness's model class for ``args.model`` (``--model-file``
+    honoured) as one stage holding every layer, built and initialised as the harness does."""
     # The harness put the framework's checkout on sys.path.
     from pithtrain.debug import fill_uninitialized, poison_enabled
-    from pithtrain.dualpipe.execution import create_intermediate_tensors
-    from pithtrain.dualpipe.overlap import backward_with_records, forward_with_records
-    from pithtrain.layers.factory import ModelImplMode
     from transformers import AutoConfig
 
-    device = torch.device(args.device)
-    dtype = harness.record_dtype(args, device)
-    record["dtype"] = str(dtype).removeprefix("torch.")
     config = AutoConfig.from_pretrained(Path(args.model).resolve())
     model_cls = harness.load_model_class(config, args.model_file)
-    record["model_type"] = config.model_type
-
-    reporter.progress("build model")
     unset = float("nan") if poison_enabled() else 0.0
     with torch.device(device), fill_uninitialized(unset):
         model = model_cls(config, num_stages=1, stage_id=0)
     model.to(dtype)
     model.apply(harness.fill_weights)
+    return config, model
 
+
+def make_batches(args, harness, config, device: torch.device, dtype: torch.dtype):
+    """``(inputs, labels)``: the harness's seeded micro-batches, ``args.num_chunks`` of each."""
     torch.manual_seed(harness.SEED)
     chunks, mbs, seq_len = args.num_chunks, args.micro_batch_size, args.seq_len
     xs = torch.randint(0, config.vocab_size, (chunks * mbs, seq_len), device=device).chunk(chunks)
@@ -74,11 +71,44 @@ def run(args, harness, reporter, record: dict) -> None:
         harness.LABEL_SCALE
         * torch.randn(chunks * mbs, seq_len, config.vocab_size, dtype=dtype, device=device)
     ).chunk(chunks)
+    return xs, labels
+
+
+def five_stage_pass(model, harness, xs, labels, reporter, what: str = "5-stage"):
+    """Forward and backward of every micro-batch through the 5-stage path (gradients
+    accumulate in ``model``); returns the losses and the logits, one per micro-batch."""
+    from pithtrain.dualpipe.execution import create_intermediate_tensors
+    from pithtrain.dualpipe.overlap import backward_with_records, forward_with_records
+
+    losses, stage_logits = [], []
+    for i, (x, label) in enumerate(zip(xs, labels)):
+        reporter.progress(f"{what} forward and backward: micro-batch {i + 1}/{len(xs)}")
+        records = create_intermediate_tensors(len(model.layers), True, True)
+        (logits,) = forward_with_records(model, [x], records)
+        loss = harness.criterion(logits, label)
+        stage_logits.append(logits.detach())
+        backward_with_records(model, None, loss, records)
+        losses.append(loss.detach())
+    return losses, stage_logits
+
+
+def run(args, harness, reporter, record: dict) -> None:
+    from pithtrain.debug import poison_enabled
+    from pithtrain.layers.factory import ModelImplMode
+
+    record["poison"] = poison_enabled()
+    device = torch.device(args.device)
+    dtype = harness.record_dtype(args, device)
+    record["dtype"] = str(dtype).removeprefix("torch.")
+    reporter.progress("build model")
+    config, model = build_model(args, harness, device, dtype)
+    record["model_type"] = config.model_type
+    xs, labels = make_batches(args, harness, config, device, dtype)
 
     ref_losses, ref_logits = [], []
     ModelImplMode.use_reference_fwd = True
     for i, (x, label) in enumerate(zip(xs, labels)):
-        reporter.progress(f"reference forward: micro-batch {i + 1}/{chunks}")
+        reporter.progress(f"reference forward: micro-batch {i + 1}/{len(xs)}")
         logits = model(x)
         loss = harness.criterion(logits, label)
         loss.backward()
@@ -88,15 +118,7 @@ def run(args, harness, reporter, record: dict) -> None:
     ref_grads = {n: p.grad for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
-    losses, stage_logits = [], []
-    for i, (x, label) in enumerate(zip(xs, labels)):
-        reporter.progress(f"5-stage forward and backward: micro-batch {i + 1}/{chunks}")
-        records = create_intermediate_tensors(len(model.layers), True, True)
-        (logits,) = forward_with_records(model, [x], records)
-        loss = harness.criterion(logits, label)
-        stage_logits.append(logits.detach())
-        backward_with_records(model, None, loss, records)
-        losses.append(loss.detach())
+    losses, stage_logits = five_stage_pass(model, harness, xs, labels, reporter)
 
     reporter.progress("compare")
     ours, ref = torch.stack(losses), torch.stack(ref_losses)
@@ -122,8 +144,9 @@ def run(args, harness, reporter, record: dict) -> None:
     record["status"] = "passed" if passed else "failed"
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arg_parser(description: str) -> argparse.ArgumentParser:
+    """The command line of a single-process check (this one, ``poison_check``)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--harness", required=True, type=Path)
     parser.add_argument("--model", required=True, help="config path")
     parser.add_argument("--model-file", default=None, help="take the model class from here")
@@ -133,15 +156,14 @@ def parse_args(argv=None):
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=16)
     parser.add_argument("--result-dir", required=True)
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run_as_rank0(args, run) -> int:
+    """Load the harness, call ``run(args, harness, reporter, record)`` and write ``record``
+    as rank 0's result however ``run`` ends (an exception becomes its ``error``)."""
     started = time.perf_counter()
     harness = load_harness(args.harness.resolve())
-    from pithtrain.debug import poison_enabled  # on sys.path once the harness is loaded
-
     reporter = harness.Reporter(args.result_dir, 0)
     record = {
         "version": 1,
@@ -150,7 +172,6 @@ def main(argv=None) -> int:
         "model": args.model,
         "model_file": args.model_file,
         "device": args.device,
-        "poison": poison_enabled(),
         "status": "error",
         "times": {},
     }
@@ -165,6 +186,11 @@ def main(argv=None) -> int:
         reporter.progress("done")
     reporter.result(record)
     return 0 if record["status"] == "passed" else 1
+
+
+def main(argv=None) -> int:
+    args = arg_parser(__doc__.splitlines()[0]).parse_args(argv)
+    return run_as_rank0(args, run)
 
 
 if __name__ == "__main__":

@@ -43,24 +43,48 @@ class _GroupedMatmulLoop(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+class _PoisonGradRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, end: int) -> torch.Tensor:
+        ctx.end = end
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        poison_(grad[ctx.end :])
+        return grad, None
+
+
+def poison_grad_rows(x: torch.Tensor, end: int) -> torch.Tensor:
+    """Identity whose backward poisons the gradient rows from ``end`` on.
+
+    ``F.grouped_mm``'s backward leaves the input-gradient rows past ``offs[-1]`` unwritten
+    (whatever the allocator had); in debug mode they must be NaN, as the loop makes them.
+    """
+    return _PoisonGradRows.apply(x, end)
+
+
 def grouped_linear(
     x: torch.Tensor, weight: torch.Tensor, grouped_mm_offs: torch.Tensor
 ) -> torch.Tensor:
     """Per-group ``x_g @ weight[g].T`` for ``weight`` stored ``[G, out, in]``.
 
     ``F.grouped_mm`` on CUDA, the loop elsewhere. Rows of ``x`` past ``grouped_mm_offs[-1]``
-    produce unwritten output rows (NaN under ``PITHTRAIN_POISON_UNINITIALIZED=1``).
+    produce unwritten output rows and get unwritten gradient rows (both NaN under
+    ``PITHTRAIN_POISON_UNINITIALIZED=1``).
     """
     if x.shape[0] == 0:
         # No rows: still return a result attached to the weight so that a grad_fn exists.
         return x @ weight[0].t()
     if not x.is_cuda:
         return _GroupedMatmulLoop.apply(x, weight, grouped_mm_offs)
-    out = F.grouped_mm(x, weight.transpose(-2, -1), offs=grouped_mm_offs)
-    if poison_enabled():
-        end = int(grouped_mm_offs[-1])
-        with torch.no_grad():
-            poison_(out[end:])
+    if not poison_enabled():
+        return F.grouped_mm(x, weight.transpose(-2, -1), offs=grouped_mm_offs)
+    end = int(grouped_mm_offs[-1])
+    out = F.grouped_mm(poison_grad_rows(x, end), weight.transpose(-2, -1), offs=grouped_mm_offs)
+    with torch.no_grad():
+        poison_(out[end:])
     return out
 
 

@@ -15,6 +15,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from pithtrain.debug import uninitialized
 from pithtrain.operators.token_scatter import padded_index_gather
 
 DispatchResult = Tuple[
@@ -124,8 +125,9 @@ def moe_ep_prepare_dispatch(
     assert num_experts == ep_size * experts_per_rank
     with torch.no_grad():
         plan = plan_send(topk_ids, ep_size, experts_per_rank)
-        recv_meta = torch.empty_like(plan.send_meta)
-        dist.all_to_all_single(recv_meta, plan.send_meta, group=ep_group)
+        meta = plan.send_meta
+        recv_meta = uninitialized(*meta.shape, dtype=meta.dtype, device=meta.device)
+        dist.all_to_all_single(recv_meta, meta, group=ep_group)
         expert_idxs, output_counts, dedup_recv_counts = plan_receive(recv_meta, experts_per_rank)
 
     input_splits = plan.tokens_per_expert.view(ep_size, experts_per_rank).sum(1).tolist()
@@ -134,10 +136,9 @@ def moe_ep_prepare_dispatch(
     dedup_output_splits = dedup_recv_counts.tolist()
 
     with torch.no_grad():
-        received = plan.expand_idx_send.new_empty(sum(output_splits))
-        dist.all_to_all_single(
-            received, plan.expand_idx_send, output_splits, input_splits, group=ep_group
-        )
+        sent = plan.expand_idx_send
+        received = uninitialized(sum(output_splits), dtype=sent.dtype, device=sent.device)
+        dist.all_to_all_single(received, sent, output_splits, input_splits, group=ep_group)
         expand_idx = expand_index(received, output_counts, dedup_recv_counts)
 
     dedup_sorted_tokens = padded_index_gather(hidden, plan.dispatch_token_idxs)

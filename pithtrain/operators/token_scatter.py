@@ -86,7 +86,7 @@ def scatter_for_grouped_gemm(
     m = x.shape[0]
     with torch.no_grad():
         order = torch.argsort(expert_idxs, stable=True)
-        positions = torch.empty_like(order)
+        positions = uninitialized(m, dtype=order.dtype, device=x.device)
         positions[order] = torch.arange(m, device=x.device, dtype=order.dtype)
         ks_tensor = torch.bincount(expert_idxs, minlength=num_groups).to(torch.int32)
         grouped_mm_offs = torch.cumsum(ks_tensor, 0, dtype=torch.int32)
