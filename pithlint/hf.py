@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import json
 import os
 import re
 import sys
 import tempfile
+import tokenize
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -51,14 +53,20 @@ from importlib.machinery import PathFinder
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-import libcst as cst
-
-from pithlint.analysis.names import ImportTable, dotted_name
-from pithlint.analysis.structure import PLAIN_BASES, ClassInfo, ModuleStructure
-from pithlint.analysis.walk import walk
+from pithlint.analysis.pyast import (
+    FUNCTIONS,
+    PLAIN_BASES,
+    ClassInfo,
+    ImportTable,
+    Source,
+    arguments,
+    dotted_name,
+    is_constant,
+    module_classes,
+    walk,
+)
 from pithlint.config import ConfigError
-
-from pithlint.profiles import V1, Profile
+from pithlint.profiles import Profile
 
 if TYPE_CHECKING:
     from pithlint.context import FileContext
@@ -133,7 +141,7 @@ class HFModel:
         )
 
 
-def class_facts(classes: dict[str, ClassInfo], imports: ImportTable) -> dict[str, ClassFacts]:
+def class_facts(classes: dict[str, ClassInfo], imports: ImportTable, source: Source) -> dict[str, ClassFacts]:
     """The facts of every class of one module (HF's modeling file or a model file of ours)."""
     # name -> (info, attribute -> carries state by itself, children, parameters, optional)
     raw: dict[str, tuple[ClassInfo, dict[str, bool], dict[str, list[str]], list[str], list[str]]] = {}
@@ -153,7 +161,7 @@ def class_facts(classes: dict[str, ClassInfo], imports: ImportTable) -> dict[str
                     children[attr] += [c for c in constructed if c not in children[attr]]
                 if parameter and attr not in parameters:
                     parameters.append(attr)
-        for buffer, persistent in _registered_buffers(info):
+        for buffer, persistent in _registered_buffers(info, source):
             direct[buffer] = direct.get(buffer, False) or persistent
         raw[name] = (info, direct, children, parameters, optional)
 
@@ -178,27 +186,27 @@ def class_facts(classes: dict[str, ClassInfo], imports: ImportTable) -> dict[str
     return facts
 
 
-def _may_be_none(value: cst.BaseExpression) -> bool:
-    if isinstance(value, cst.IfExp):
+def _may_be_none(value: ast.expr) -> bool:
+    if isinstance(value, ast.IfExp):
         return _may_be_none(value.body) or _may_be_none(value.orelse)
-    return isinstance(value, cst.Name) and value.value == "None"
+    return is_constant(value, None)
 
 
-def _value_facts(value: cst.BaseExpression, imports: ImportTable, classes) -> tuple[bool, list[str], bool]:
+def _value_facts(value: ast.expr, imports: ImportTable, classes) -> tuple[bool, list[str], bool]:
     """(carries state by itself, classes of the file it constructs, is a raw parameter) of
     one value assigned to ``self.<attr>``; both branches of a conditional count."""
-    if isinstance(value, cst.IfExp):
+    if isinstance(value, ast.IfExp):
         a, b = _value_facts(value.body, imports, classes), _value_facts(value.orelse, imports, classes)
         return a[0] or b[0], a[1] + [c for c in b[1] if c not in a[1]], a[2] or b[2]
-    if not isinstance(value, cst.Call):
+    if not isinstance(value, ast.Call):
         return False, [], False
     constructed = []
     for node in walk(value):
-        if isinstance(node, cst.Call):
+        if isinstance(node, ast.Call):
             callee = dotted_name(node.func)
             if callee in classes and callee not in constructed:
                 constructed.append(callee)
-    if isinstance(value.func, cst.Call):  # a factory's result: get_linear_cls()(...)
+    if isinstance(value.func, ast.Call):  # a factory's result: get_linear_cls()(...)
         return True, constructed, False
     resolved = imports.resolve(value.func)
     if resolved is None:
@@ -207,8 +215,8 @@ def _value_facts(value: cst.BaseExpression, imports: ImportTable, classes) -> tu
     if resolved in _PARAMETER:
         return True, constructed, True
     if resolved in _BUFFER:
-        persistent = next((a.value for a in value.args if a.keyword and a.keyword.value == "persistent"), None)
-        return not (isinstance(persistent, cst.Name) and persistent.value == "False"), constructed, False
+        persistent = next((a.value for a in arguments(value) if a.keyword == "persistent"), None)
+        return not is_constant(persistent, False), constructed, False
     if resolved in classes:
         return False, constructed, False  # stateful when the class is (decided by the caller)
     if resolved in _CONTAINERS:
@@ -220,25 +228,25 @@ def _value_facts(value: cst.BaseExpression, imports: ImportTable, classes) -> tu
     return last[:1].isupper() or last.endswith("_cls"), constructed, False
 
 
-def _registered_buffers(info: ClassInfo):
+def _registered_buffers(info: ClassInfo, source: Source):
     """(name, persistent) of each ``self.register_buffer("name", ...)``."""
     for method in info.methods.values():
         for node in walk(method):
-            if isinstance(node, cst.Call) and dotted_name(node.func) == "self.register_buffer" and node.args:
-                name = node.args[0].value
-                if isinstance(name, cst.SimpleString) and isinstance(name.evaluated_value, str):
-                    persistent = next((a.value for a in node.args if a.keyword and a.keyword.value == "persistent"), None)
-                    if persistent is None and len(node.args) > 2 and node.args[2].keyword is None:
-                        persistent = node.args[2].value
-                    yield name.evaluated_value, not (isinstance(persistent, cst.Name) and persistent.value == "False")
+            if isinstance(node, ast.Call) and dotted_name(node.func) == "self.register_buffer":
+                args = arguments(node)
+                if args and source.is_simple_string(args[0].value):
+                    persistent = next((a.value for a in args if a.keyword == "persistent"), None)
+                    if persistent is None and len(args) > 2 and args[2].keyword is None:
+                        persistent = args[2].value
+                    yield args[0].value.value, not is_constant(persistent, False)
 
 
-def _literal(node: cst.BaseExpression | None, module: cst.Module):
+def _literal(node: ast.expr | None):
     """The Python value of a literal expression; ``_NOT_LITERAL`` for anything else."""
     if node is None:
         return _NOT_LITERAL
     try:
-        return ast.literal_eval(module.code_for_node(node).strip())
+        return ast.literal_eval(node)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return _NOT_LITERAL
 
@@ -246,56 +254,68 @@ def _literal(node: cst.BaseExpression | None, module: cst.Module):
 _NOT_LITERAL = object()
 
 
-def config_facts(module: cst.Module, model_type: str, modeling: cst.Module) -> ConfigFacts | None:
+def config_facts(module: ast.Module, source: Source, model_type: str, modeling: ast.Module, modeling_source: Source) -> ConfigFacts | None:
     """The facts of the config class of ``model_type`` in a configuration module."""
     for statement in module.body:
-        if isinstance(statement, cst.ClassDef) and _class_constant(statement, "model_type", module) == model_type:
-            return _config_class(statement, module, _config_reads(modeling))
+        if isinstance(statement, ast.ClassDef) and _class_constant(statement, "model_type", source) == model_type:
+            return _config_class(statement, source, _config_reads(modeling, modeling_source))
     return None
 
 
-def _class_constant(node: cst.ClassDef, name: str, module: cst.Module):
-    for statement in node.body.body:
-        if isinstance(statement, cst.SimpleStatementLine):
-            for small in statement.body:
-                if isinstance(small, cst.Assign) and any(isinstance(t.target, cst.Name) and t.target.value == name for t in small.targets):
-                    return _literal(small.value, module)
+def _class_statements(node: ast.ClassDef, source: Source) -> list[ast.stmt]:
+    """The statements of a class body on lines of their own (libcst's ``IndentedBlock``; a
+    body after the colon of ``class A: x = 1`` is not read)."""
+    return [] if source.one_line_suite(node.body) else node.body
+
+
+def _class_constant(node: ast.ClassDef, name: str, source: Source):
+    for statement in _class_statements(node, source):
+        if isinstance(statement, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in statement.targets):
+            return _literal(statement.value)
     return None
 
 
-def _config_class(node: cst.ClassDef, module: cst.Module, reads: set[str]) -> ConfigFacts:
+def _parameters_with_defaults(func: ast.FunctionDef) -> list[tuple[str, ast.expr]]:
+    """(name, default) of the ordinary and keyword-only parameters that have a default."""
+    args = func.args
+    positional = [*args.posonlyargs, *args.args]
+    defaults = dict(zip((a.arg for a in positional[len(positional) - len(args.defaults) :]), args.defaults))
+    found = [(a.arg, defaults[a.arg]) for a in args.args if a.arg in defaults]
+    found += [(a.arg, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+    return found
+
+
+def _config_class(node: ast.ClassDef, source: Source, reads: set[str]) -> ConfigFacts:
     fields: list[str] = []
     defaults: dict[str, object] = {}
     nested: dict[str, dict] = {}
     methods = {}
-    for statement in node.body.body:
-        if isinstance(statement, cst.SimpleStatementLine):
-            for small in statement.body:
-                if isinstance(small, cst.AnnAssign) and isinstance(small.target, cst.Name) and small.value is not None:
-                    fields.append(small.target.value)
-                    value = _literal(small.value, module)
-                    if value is not _NOT_LITERAL:
-                        defaults[small.target.value] = value
-        elif isinstance(statement, cst.FunctionDef):
-            methods[statement.name.value] = statement
+    for statement in _class_statements(node, source):
+        if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name) and statement.value is not None:
+            fields.append(statement.target.id)
+            value = _literal(statement.value)
+            if value is not _NOT_LITERAL:
+                defaults[statement.target.id] = value
+        elif isinstance(statement, FUNCTIONS):
+            methods[statement.name] = statement
     init = methods.get("__init__")
     if init is not None:  # transformers before the dataclass configs: defaults are parameters
-        for param in init.params.params + init.params.kwonly_params:
-            if param.default is not None and param.name.value not in fields:
-                fields.append(param.name.value)
-                value = _literal(param.default, module)
+        for name, default in _parameters_with_defaults(init):
+            if name not in fields:
+                fields.append(name)
+                value = _literal(default)
                 if value is not _NOT_LITERAL:
-                    defaults[param.name.value] = value
+                    defaults[name] = value
     # The block a field stands for when the config leaves it out: a dict default (older
     # transformers), or a dict the config fills in when the field is None.
     nested.update({k: v for k, v in defaults.items() if isinstance(v, dict)})
     for method in methods.values():
         for assign in walk(method):
-            if isinstance(assign, cst.Assign) and isinstance(assign.value, cst.Dict):
+            if isinstance(assign, ast.Assign) and isinstance(assign.value, ast.Dict):
                 for target in assign.targets:
-                    name = dotted_name(target.target)
+                    name = dotted_name(target)
                     if name is not None and name.startswith("self.") and name[5:] in fields:
-                        block = _literal(assign.value, module)
+                        block = _literal(assign.value)
                         if isinstance(block, dict):
                             nested[name[5:]] = block
     # A field __post_init__ always overwrites from other fields (DeepSeek's head_dim =
@@ -303,22 +323,20 @@ def _config_class(node: cst.ClassDef, module: cst.Module, reads: set[str]) -> Co
     # normalises itself (``x = [] if x is None else x``) is not.
     post_init = methods.get("__post_init__")
     derived = set()
-    if post_init is not None and isinstance(post_init.body, cst.IndentedBlock):
-        for statement in post_init.body.body:
-            if isinstance(statement, cst.SimpleStatementLine):
-                for small in statement.body:
-                    if isinstance(small, cst.Assign):
-                        used = {dotted_name(n) for n in walk(small.value) if isinstance(n, cst.Attribute)}
-                        for target in small.targets:
-                            name = dotted_name(target.target)
-                            if name is not None and name.startswith("self.") and name not in used:
-                                derived.add(name[5:])
-    aliases = _class_constant(node, "attribute_map", module)
+    if post_init is not None and not source.one_line_suite(post_init.body):
+        for statement in post_init.body:
+            if isinstance(statement, ast.Assign):
+                used = {dotted_name(n) for n in walk(statement.value) if isinstance(n, ast.Attribute)}
+                for target in statement.targets:
+                    name = dotted_name(target)
+                    if name is not None and name.startswith("self.") and name not in used:
+                        derived.add(name[5:])
+    aliases = _class_constant(node, "attribute_map", source)
     aliases = {k: v for k, v in aliases.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(aliases, dict) else {}
-    theta = _class_constant(node, "default_theta", module)
+    theta = _class_constant(node, "default_theta", source)
     read = sorted(f for f in fields if f not in derived and (f in reads or any(a in reads and aliases[a] == f for a in aliases)))
     return ConfigFacts(
-        node.name.value,
+        node.name,
         defaults,
         fields,
         nested,
@@ -328,22 +346,32 @@ def _config_class(node: cst.ClassDef, module: cst.Module, reads: set[str]) -> Co
     )
 
 
-def _config_reads(modeling: cst.Module) -> set[str]:
+def _config_reads(modeling: ast.Module, source: Source) -> set[str]:
     """Config attributes the modeling file reads: ``config.x``, ``self.config.x``,
     ``getattr(config, "x", ...)``."""
     reads = set()
     for node in walk(modeling):
-        if isinstance(node, cst.Attribute):
+        if isinstance(node, ast.Attribute):
             owner = dotted_name(node.value)
             if owner is not None and owner.rpartition(".")[2] == "config":
-                reads.add(node.attr.value)
-        elif isinstance(node, cst.Call) and dotted_name(node.func) in ("getattr", "hasattr") and len(node.args) >= 2:
-            owner = dotted_name(node.args[0].value)
-            key = node.args[1].value
-            if owner is not None and owner.rpartition(".")[2] == "config" and isinstance(key, cst.SimpleString):
-                if isinstance(key.evaluated_value, str):
-                    reads.add(key.evaluated_value)
+                reads.add(node.attr)
+        elif isinstance(node, ast.Call) and dotted_name(node.func) in ("getattr", "hasattr"):
+            args = arguments(node)
+            if len(args) >= 2:
+                owner = dotted_name(args[0].value)
+                key = args[1].value
+                if owner is not None and owner.rpartition(".")[2] == "config" and source.is_simple_string(key):
+                    reads.add(key.value)
     return reads
+
+
+def parse_facts_source(data: bytes | str) -> tuple[ast.Module, Source]:
+    """A file parsed for its facts, with its text (SyntaxError, ValueError when it does not
+    parse; bytes are decoded as a PEP 263 coding comment says)."""
+    if isinstance(data, bytes):
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+        data = data.decode(encoding)
+    return ast.parse(data), Source(data)
 
 
 # -- the installed transformers ---------------------------------------------------------------
@@ -433,18 +461,17 @@ class HFIndex:
         if cached is not None:
             return cached
         try:
-            modeling = cst.parse_module(modeling_source)
-            configuration = cst.parse_module(config_source)
-        except cst.ParserSyntaxError as exc:
-            self.notice(f"Hugging Face rules skipped for model_type '{model_type}': cannot parse transformers' sources ({exc.message.strip().splitlines()[0]})")
+            modeling, modeling_text = parse_facts_source(modeling_source)
+            configuration, configuration_text = parse_facts_source(config_source)
+        except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:  # UnicodeDecodeError is a ValueError
+            self.notice(f"Hugging Face rules skipped for model_type '{model_type}': cannot parse transformers' sources ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
             return None
-        classes = ModuleStructure(modeling, V1).classes  # the classes do not depend on the profile
         model = HFModel(
             model_type,
             self.version,
             modeling_path.relative_to(self.root.parent).as_posix(),
-            class_facts(classes, ImportTable(modeling)),
-            config_facts(configuration, model_type, modeling),
+            class_facts(module_classes(modeling), ImportTable(modeling), modeling_text),
+            config_facts(configuration, configuration_text, model_type, modeling, modeling_text),
         )
         self._store(model_type, key, model)
         return model
@@ -674,8 +701,20 @@ def _conformance(ctx: FileContext) -> Conformance | None:
     hf = project.hf.model(model_type)
     if hf is None:
         return None
-    ours = class_facts(ctx.structure.classes, ctx.imports)
+    ours = source_class_facts(ctx.source)
+    if ours is None:
+        return None
     return Conformance(model_type, hf, ours, pair_classes(ours, hf.classes), project.allowlist)
+
+
+def source_class_facts(source: str) -> dict[str, ClassFacts] | None:
+    """The class facts of a model file of ours, read the way HF's are (CPython's parser: the
+    facts must not depend on which parser read which side); None when it does not parse."""
+    try:
+        tree, text = parse_facts_source(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None  # libcst took it, Python does not: nothing to compare
+    return class_facts(module_classes(tree), ImportTable(tree), text)
 
 
 def file_model_type(ctx: FileContext) -> str | None:
@@ -691,6 +730,8 @@ def file_model_type(ctx: FileContext) -> str | None:
         folder = PurePosixPath(config.relative).parent.name.replace("-", "_").replace(".", "_")
         if folder == stem and config.model_type is not None:
             return config.model_type
+    import libcst as cst
+
     for node in ctx.nodes(cst.Assign):
         if any(isinstance(t.target, cst.Name) and t.target.value == "model_type" for t in node.targets):
             value = node.value

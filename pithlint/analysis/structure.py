@@ -15,6 +15,7 @@ from functools import cached_property
 import libcst as cst
 
 from pithlint.analysis.names import dotted_name
+from pithlint.analysis.pyast import PLAIN_BASES
 from pithlint.analysis.walk import walk, walk_no_nested_scopes
 from pithlint.profiles import Profile
 
@@ -35,14 +36,18 @@ class ClassInfo:
 
     def init_assignments(self, attr: str) -> list[cst.BaseExpression]:
         """Values assigned to ``self.<attr>`` inside ``__init__``."""
+        return list(self._init_assignments.get(attr, ()))
+
+    @cached_property
+    def _init_assignments(self) -> dict[str, list[cst.BaseExpression]]:
+        """attr -> values of ``__init__``'s ``self.<attr> = ...`` (read once: rules ask often)."""
+        found: dict[str, list[cst.BaseExpression]] = {}
         init = self.methods.get("__init__")
-        if init is None:
-            return []
-        return [value for target, value in _self_assignments(init) if target == attr]
+        for target, value in _self_assignments(init) if init is not None else ():
+            found.setdefault(target, []).append(value)
+        return found
 
 
-# Bases that provide no attributes or methods of the protocol.
-PLAIN_BASES = frozenset({"nn.Module", "torch.nn.Module", "Module", "object"})
 
 
 def may_inherit(cls: ClassInfo) -> bool:

@@ -8,18 +8,13 @@ unknown model_type) behave as documented."""
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 
 import pytest
-from libcst import parse_module
 
 from pithlint import hf
-from pithlint.analysis.names import ImportTable
-from pithlint.analysis.structure import ModuleStructure
 from pithlint.config import ConfigError, load_settings
 from pithlint.engine import LintRun
-from pithlint.profiles import V1
 from pithlint.rules.hf_conventions import QWEN3_MOE_EXAMPLE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,8 +89,7 @@ def test_embedded_model_pairs_every_role(model, tmp_path):
     root = make_project(tmp_path, model)
     run = LintRun.create(load_settings(None, root), select=["PTL501"])
     project = run.project_for(str(root / model_path(model)))
-    tree = parse_module((root / model_path(model)).read_text(encoding="utf-8"))
-    ours = hf.class_facts(ModuleStructure(tree, V1).classes, ImportTable(tree))
+    ours = hf.source_class_facts((root / model_path(model)).read_text(encoding="utf-8"))
     pairs = hf.pair_classes(ours, project.hf.model(model).classes)
     assert ROLES <= {p.role for p in pairs}
 
@@ -264,11 +258,11 @@ def test_facts_are_cached_per_version_and_content(tmp_path, monkeypatch):
     class Parsed(Exception):
         pass
 
-    def parse_module(source):
+    def parse_facts_source(source):
         raise Parsed
 
     # A warm index parses nothing: the facts come back from the cache, equal.
-    monkeypatch.setattr(hf, "cst", types.SimpleNamespace(parse_module=parse_module, ParserSyntaxError=SyntaxError))
+    monkeypatch.setattr(hf, "parse_facts_source", parse_facts_source)
     assert hf.HFIndex([cache], print).model("qwen3_moe") == first
     # An entry for other sources (another version or an edited file) is not used.
     stored["key"] = "0:0.0:stale"
