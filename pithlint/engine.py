@@ -182,7 +182,7 @@ class LintRun:
         project = self.project_for(path)
         try:
             if module is None:
-                module = project.parse(path, source) if project is not None else cst.parse_module(source)
+                module = cst.parse_module(source)
         except cst.ParserSyntaxError as exc:
             return [_syntax_error(path, source, exc)] if "PTL001" in self.enabled else []
         ctx = FileContext(path, source, module, self.profile, project=project, private_paths=tuple(self.settings.private_paths))

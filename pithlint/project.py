@@ -3,8 +3,10 @@
 A model file is only half of a model: the test harness must initialise its raw parameters,
 the training module must build and wrap it, the example configs feed it, the scatter operator
 decides how many rows its experts see, the converter moves its checkpoints. Cross-file rules
-ask ``ctx.project`` about those files; each is read and parsed at most once per run (a file
-the run also lints shares its tree with the engine), and each fact is computed on first use.
+ask ``ctx.project`` about those files; each is read and parsed at most once per run, and each
+fact is computed on first use. The index reads facts, not concrete syntax: its files are
+parsed with CPython's ``ast`` (pithlint.analysis.pyast), a fraction of libcst's cost, and a
+finding reported in one of them is placed exactly where libcst would place it.
 
 Locations come from the profile (overridable in ``[tool.pithlint]``). A file the profile names
 but the project lacks is reported once per rule as a notice, never as a finding.
@@ -12,6 +14,7 @@ but the project lacks is reported once per rule as a notice, never as a finding.
 
 from __future__ import annotations
 
+import ast
 import json
 import tokenize
 from collections.abc import Callable
@@ -21,11 +24,13 @@ from pathlib import Path
 from typing import TypeVar
 
 import libcst as cst
+from libcst.metadata import CodePosition, CodeRange
 
+from pithlint.analysis import pyast
 from pithlint.analysis.names import ImportTable, dotted_name
-from pithlint.analysis.positions import code_ranges
+from pithlint.analysis.pyast import FUNCTIONS, NameOf, Span
 from pithlint.analysis.structure import ClassInfo, ModuleStructure, functions_called_from
-from pithlint.analysis.walk import walk, walk_no_nested_scopes
+from pithlint.analysis.walk import walk
 from pithlint.config import Settings
 from pithlint.hf import Allowlist, HFIndex, cache_dirs
 from pithlint.profiles import PROJECT_PATH_FIELDS, Profile
@@ -70,37 +75,53 @@ def number_value(node: cst.CSTNode) -> float | None:
     return None
 
 
-def call_string_args(call: cst.Call) -> list[str]:
-    return [v for v in (string_value(a.value) for a in call.args) if v is not None]
+def call_string_args(call: ast.Call) -> list[str]:
+    """The string literal arguments of a call, keyword arguments included, as written."""
+    return [v for v in (pyast.string_value(a.value) for a in pyast.arguments(call)) if v is not None]
+
+
+def def_name(func: ast.FunctionDef | ast.AsyncFunctionDef) -> NameOf:
+    """What a finding about a function of a project file points at: its name."""
+    return NameOf(func)
 
 
 class ProjectFile:
     """One parsed Python file of the project."""
 
-    def __init__(self, root: Path, path: Path, source: str, module: cst.Module, profile: Profile) -> None:
+    def __init__(self, root: Path, path: Path, source: str, tree: ast.Module, profile: Profile) -> None:
         self.path = path
         self.relative = path.relative_to(root).as_posix()
         self.source = source
-        self.module = module
+        self.tree = tree
+        self.text = pyast.Source(source)
         self.profile = profile
         self.module_name = module_name(self.relative)
 
     @cached_property
-    def imports(self) -> ImportTable:
-        return ImportTable(self.module)
+    def imports(self) -> pyast.ImportTable:
+        return pyast.ImportTable(self.tree)
 
     @cached_property
-    def functions(self) -> dict[str, cst.FunctionDef]:
-        return {s.name.value: s for s in self.module.body if isinstance(s, cst.FunctionDef)}
+    def functions(self) -> dict[str, ast.FunctionDef]:
+        return {s.name: s for s in self.tree.body if isinstance(s, FUNCTIONS)}
 
     @cached_property
-    def classes(self) -> dict[str, ClassInfo]:
-        return ModuleStructure(self.module, self.profile).classes
+    def classes(self) -> dict[str, pyast.ClassInfo]:
+        return pyast.module_classes(self.tree)
 
-    def qualify(self, node: cst.BaseExpression) -> str | None:
+    def qualify(self, node: ast.AST) -> str | None:
         """The dotted name ``node`` denotes, through imports (relative ones included)."""
-        name = self.imports.resolve(node)
-        if name is None or not name.startswith("."):
+        return self.qualify_name(pyast.dotted_name(node))
+
+    def qualify_name(self, name: str | None) -> str | None:
+        """The dotted name the name ``name`` (``a`` or ``a.b``) denotes, through imports."""
+        if name is None:
+            return None
+        head, _, rest = name.partition(".")
+        target = self.imports.aliases.get(head)
+        if target is not None:
+            name = f"{target}.{rest}" if rest else target
+        if not name.startswith("."):
             return name
         level = len(name) - len(name.lstrip("."))
         package = self.module_name.split(".")
@@ -109,21 +130,21 @@ class ProjectFile:
         return ".".join([*package[: max(keep, 0)], name.lstrip(".")])
 
     @cached_property
-    def strings(self) -> list[tuple[cst.CSTNode, str]]:
+    def strings(self) -> list[tuple[ast.AST | Span, str]]:
         """Every plain string literal of the file, with its value."""
-        found = []
-        for node in walk(self.module):
-            value = string_value(node)
-            if value is not None:
-                found.append((node, value))
-        return found
+        return self.text.string_literals(self.tree)
 
     @cached_property
-    def _positions(self):
-        return code_ranges(self.module)
+    def _anchors(self) -> set[int]:
+        """The ids of every node and string part of this file: what a finding may point at."""
+        return {id(node) for node in ast.walk(self.tree)} | {id(anchor) for anchor, _ in self.strings if isinstance(anchor, Span)}
 
-    def position(self, node: cst.CSTNode):
-        return self._positions[node]
+    def position(self, anchor: ast.AST | Span | NameOf) -> CodeRange:
+        """Where libcst places ``anchor`` (KeyError: it is not of this file)."""
+        if id(anchor.node if isinstance(anchor, NameOf) else anchor) not in self._anchors:
+            raise KeyError(anchor)
+        line, column, end_line, end_column = self.text.position(anchor)
+        return CodeRange(CodePosition(line, column), CodePosition(end_line, end_column))
 
 
 # -- facts about the test harness and the training module ----------------------------------
@@ -134,8 +155,8 @@ class ModelTypeBranch:
     """``if config.model_type == "x": ...`` (or ``case "x":``)."""
 
     model_types: tuple[str, ...]
-    node: cst.CSTNode
-    body: cst.BaseSuite
+    node: ast.If | ast.match_case
+    body: list[ast.stmt]
     classes: set[str]  # qualified names the branch refers to
 
 
@@ -143,7 +164,7 @@ class ModelTypeBranch:
 class InitBranch:
     """One ``isinstance`` (or ``hasattr``) branch of the harness's weight init."""
 
-    node: cst.If
+    node: ast.If
     classes: set[str]  # qualified isinstance targets
     attrs: set[str]  # hasattr(module, "attr") tests
     touched: set[str]  # attributes the branch reads on the module
@@ -152,75 +173,86 @@ class InitBranch:
 
 @dataclass
 class FsdpWiring:
-    func: cst.FunctionDef
-    model_tuple: cst.CSTNode | None  # the isinstance tuple (or the name of a module-level one)
+    func: ast.FunctionDef
+    model_tuple: ast.AST | None  # the isinstance tuple (or the name of a module-level one)
     model_classes: set[str]
-    registrations: list[tuple[str, cst.Call]]
+    registrations: list[tuple[str, ast.Call]]
 
 
-def _model_type_tests(test: cst.BaseExpression) -> tuple[str, ...]:
+def _walk_body(body: list[ast.stmt]):
+    """Every node of a block of statements, in order."""
+    for statement in body:
+        yield from pyast.walk(statement)
+
+
+def _model_type_tests(test: ast.expr) -> tuple[str, ...]:
     """The model types an ``if`` test compares ``<x>.model_type`` with (``==`` or ``in``)."""
     found: list[str] = []
-    for node in walk(test):
-        if not isinstance(node, cst.Comparison) or len(node.comparisons) != 1:
+    for node in pyast.walk(test):
+        if not isinstance(node, ast.Compare) or len(node.ops) != 1:
             continue
-        target = node.comparisons[0]
-        sides = (node.left, target.comparator)
-        if not any(isinstance(s, cst.Attribute) and s.attr.value == "model_type" for s in sides):
+        operator, comparator = node.ops[0], node.comparators[0]
+        sides = (node.left, comparator)
+        if not any(isinstance(s, ast.Attribute) and s.attr == "model_type" for s in sides):
             continue
-        if isinstance(target.operator, cst.Equal):
-            found.extend(v for v in map(string_value, sides) if v is not None)
-        elif isinstance(target.operator, cst.In) and isinstance(target.comparator, (cst.Tuple, cst.List, cst.Set)):
-            found.extend(v for v in (string_value(e.value) for e in target.comparator.elements) if v is not None)
+        if isinstance(operator, ast.Eq):
+            found.extend(v for v in map(pyast.string_value, sides) if v is not None)
+        elif isinstance(operator, ast.In) and isinstance(comparator, (ast.Tuple, ast.List, ast.Set)):
+            found.extend(v for v in (pyast.string_value(pyast.unstarred(e)) for e in comparator.elts) if v is not None)
     return tuple(found)
 
 
-def _referenced_classes(pf: ProjectFile, node: cst.CSTNode) -> set[str]:
+def _referenced_classes(pf: ProjectFile, body: list[ast.stmt]) -> set[str]:
     names = set()
-    for child in walk(node):
-        if isinstance(child, (cst.Name, cst.Attribute)):
-            qualified = pf.qualify(child)
+    for statement in body:
+        for name in pyast.libcst_names(statement):
+            qualified = pf.qualify_name(name)
             if qualified is not None and "." in qualified:
                 names.add(qualified)
     return names
 
 
-def model_type_branches(pf: ProjectFile, scope: cst.CSTNode) -> list[ModelTypeBranch]:
+def model_type_branches(pf: ProjectFile, scope: ast.AST) -> list[ModelTypeBranch]:
     branches = []
-    for node in walk(scope):
-        if isinstance(node, cst.If):
+    for node in pyast.walk(scope):
+        if isinstance(node, ast.If):
             types = _model_type_tests(node.test)
             if types:
                 branches.append(ModelTypeBranch(types, node, node.body, _referenced_classes(pf, node.body)))
-        elif isinstance(node, cst.Match) and isinstance(node.subject, cst.Attribute) and node.subject.attr.value == "model_type":
+        elif isinstance(node, ast.Match) and isinstance(node.subject, ast.Attribute) and node.subject.attr == "model_type":
             for case in node.cases:
-                if isinstance(case.pattern, cst.MatchValue):
-                    value = string_value(case.pattern.value)
+                if isinstance(case.pattern, ast.MatchValue):
+                    value = pyast.string_value(case.pattern.value)
                     if value is not None:
                         branches.append(ModelTypeBranch((value,), case, case.body, _referenced_classes(pf, case.body)))
     return branches
 
 
-def _init_branch(pf: ProjectFile, node: cst.If, subject: str) -> InitBranch:
+def _init_branch(pf: ProjectFile, node: ast.If, subject: str) -> InitBranch:
     classes: set[str] = set()
     attrs: set[str] = set()
-    for call in walk(node.test):
-        if not isinstance(call, cst.Call) or len(call.args) < 2 or dotted_name(call.args[0].value) != subject:
+    for call in pyast.walk(node.test):
+        if not isinstance(call, ast.Call):
             continue
-        if dotted_name(call.func) == "isinstance":
-            target = call.args[1].value
-            elements = [e.value for e in target.elements] if isinstance(target, cst.Tuple) else [target]
+        args = pyast.arguments(call)
+        if len(args) < 2 or pyast.dotted_name(args[0].value) != subject:
+            continue
+        if pyast.dotted_name(call.func) == "isinstance":
+            target = args[1].value
+            elements = [pyast.unstarred(e) for e in target.elts] if isinstance(target, ast.Tuple) else [target]
             classes.update(q for q in map(pf.qualify, elements) if q is not None)
-        elif dotted_name(call.func) == "hasattr":
+        elif pyast.dotted_name(call.func) == "hasattr":
             attrs.update(call_string_args(call))
     touched: set[str] = set()
     generic = False
-    for child in walk(node.body):
-        if isinstance(child, cst.Attribute) and dotted_name(child.value) == subject:
-            touched.add(child.attr.value)
-            generic = generic or child.attr.value in ("parameters", "named_parameters", "reset_parameters")
-        elif isinstance(child, cst.Call) and dotted_name(child.func) == "getattr" and child.args and dotted_name(child.args[0].value) == subject:
-            touched.update(call_string_args(child))
+    for child in _walk_body(node.body):
+        if isinstance(child, ast.Attribute) and pyast.dotted_name(child.value) == subject:
+            touched.add(child.attr)
+            generic = generic or child.attr in ("parameters", "named_parameters", "reset_parameters")
+        elif isinstance(child, ast.Call) and pyast.dotted_name(child.func) == "getattr":
+            args = pyast.arguments(child)
+            if args and pyast.dotted_name(args[0].value) == subject:
+                touched.update(call_string_args(child))
     return InitBranch(node, classes, attrs, touched, generic)
 
 
@@ -231,20 +263,21 @@ def fsdp_wiring(pf: ProjectFile, profile: Profile) -> FsdpWiring | None:
     model_tuple, classes = None, set()
     registrations = []
     module_tuples = _module_tuples(pf)
-    for call in walk(func):
-        if not isinstance(call, cst.Call):
+    for call in pyast.walk(func):
+        if not isinstance(call, ast.Call):
             continue
-        name = dotted_name(call.func)
-        if name == "isinstance" and len(call.args) == 2:
-            target = call.args[1].value
-            if isinstance(target, cst.Name) and target.value in module_tuples:
-                target = module_tuples[target.value]
-                model_tuple = call.args[1].value
-            elif isinstance(target, cst.Tuple):
+        name = pyast.dotted_name(call.func)
+        args = pyast.arguments(call)
+        if name == "isinstance" and len(args) == 2:
+            target = args[1].value
+            if isinstance(target, ast.Name) and target.id in module_tuples:
+                target = module_tuples[target.id]
+                model_tuple = args[1].value
+            elif isinstance(target, ast.Tuple):
                 model_tuple = target
             else:
                 continue
-            classes = {q for q in (pf.qualify(e.value) for e in target.elements) if q is not None}
+            classes = {q for q in (pf.qualify(pyast.unstarred(e)) for e in target.elts) if q is not None}
         elif name is not None and name.rpartition(".")[2] == profile.fsdp_method_registration:
             methods = call_string_args(call)
             if methods:
@@ -252,52 +285,50 @@ def fsdp_wiring(pf: ProjectFile, profile: Profile) -> FsdpWiring | None:
     return FsdpWiring(func, model_tuple, classes, registrations)
 
 
-def _module_tuples(pf: ProjectFile) -> dict[str, cst.Tuple]:
+def _module_tuples(pf: ProjectFile) -> dict[str, ast.Tuple]:
     """Module-level ``NAME = (A, B, ...)`` assignments (e.g. a registry of model classes)."""
     found = {}
-    for statement in pf.module.body:
-        if isinstance(statement, cst.SimpleStatementLine):
-            for small in statement.body:
-                if isinstance(small, cst.Assign) and isinstance(small.value, cst.Tuple):
-                    for target in small.targets:
-                        if isinstance(target.target, cst.Name):
-                            found[target.target.value] = small.value
+    for statement in pf.tree.body:
+        if isinstance(statement, ast.Assign) and isinstance(statement.value, ast.Tuple):
+            for target in statement.targets:
+                if isinstance(target, ast.Name):
+                    found[target.id] = statement.value
     return found
 
 
 @dataclass
 class Harness:
     file: ProjectFile
-    init_function: cst.FunctionDef | None
+    init_function: ast.FunctionDef | None
     init_branches: list[InitBranch]
-    shard_function: cst.FunctionDef | None
+    shard_function: ast.FunctionDef | None
     shard_names: set[str]  # attribute names shard_experts tests with getattr/hasattr
     model_types: list[ModelTypeBranch]
-    model_list: list[tuple[str, cst.CSTNode]]  # example config paths the harness accepts
+    model_list: list[tuple[str, ast.AST | Span]]  # example config paths the harness accepts
     fsdp: FsdpWiring | None
 
 
 def read_harness(pf: ProjectFile, profile: Profile) -> Harness:
     init = pf.functions.get(profile.harness_init_function)
     branches = []
-    if init is not None and init.params.params:
-        subject = init.params.params[0].name.value
-        branches = [_init_branch(pf, node, subject) for node in walk(init) if isinstance(node, cst.If)]
+    if init is not None and init.args.args:
+        subject = init.args.args[0].arg
+        branches = [_init_branch(pf, node, subject) for node in pyast.walk(init) if isinstance(node, ast.If)]
     shard = pf.functions.get(profile.harness_shard_function)
     shard_names: set[str] = set()
     if shard is not None:
-        for call in walk(shard):
-            if isinstance(call, cst.Call) and dotted_name(call.func) in ("getattr", "hasattr"):
+        for call in pyast.walk(shard):
+            if isinstance(call, ast.Call) and pyast.dotted_name(call.func) in ("getattr", "hasattr"):
                 shard_names.update(call_string_args(call)[:1])
     examples = profile.examples_dir.rstrip("/") + "/"
     model_list = [(value, node) for node, value in pf.strings if value.endswith(".json") and value.startswith(examples)]
-    return Harness(pf, init, branches, shard, shard_names, model_type_branches(pf, pf.module), model_list, fsdp_wiring(pf, profile))
+    return Harness(pf, init, branches, shard, shard_names, model_type_branches(pf, pf.tree), model_list, fsdp_wiring(pf, profile))
 
 
 @dataclass
 class Training:
     file: ProjectFile
-    setup_function: cst.FunctionDef | None
+    setup_function: ast.FunctionDef | None
     model_types: list[ModelTypeBranch]
     fsdp: FsdpWiring | None
 
@@ -327,28 +358,27 @@ class ExampleConfig:
 _ALLOCATORS = frozenset({"empty", "zeros", "ones", "full", "new_empty", "new_zeros", "new_ones", "new_full"})
 
 
-def _last_assignments(func: cst.FunctionDef) -> dict[str, tuple[cst.BaseExpression, int | None]]:
+def _last_assignments(func: ast.FunctionDef) -> dict[str, tuple[ast.expr, int | None]]:
     """name -> (value, position in an unpacked tuple or None) of its last assignment."""
-    found: dict[str, tuple[cst.BaseExpression, int | None]] = {}
-    for node in walk_no_nested_scopes(func):
-        if isinstance(node, cst.Assign):
+    found: dict[str, tuple[ast.expr, int | None]] = {}
+    for node in pyast.walk_no_nested_scopes(func):
+        if isinstance(node, ast.Assign):
             for target in node.targets:
-                if isinstance(target.target, cst.Name):
-                    found[target.target.value] = (node.value, None)
-                elif isinstance(target.target, (cst.Tuple, cst.List)):
-                    for index, element in enumerate(target.target.elements):
-                        if isinstance(element.value, cst.Name):
-                            found[element.value.value] = (node.value, index)
+                if isinstance(target, ast.Name):
+                    found[target.id] = (node.value, None)
+                elif isinstance(target, (ast.Tuple, ast.List)):
+                    for index, element in enumerate(target.elts):
+                        element = pyast.unstarred(element)
+                        if isinstance(element, ast.Name):
+                            found[element.id] = (node.value, index)
     return found
 
 
-def _final_return(func: cst.FunctionDef) -> cst.Return | None:
+def _final_return(pf: ProjectFile, func: ast.FunctionDef) -> ast.Return | None:
     """The return statement that ends the function body (early returns are edge cases)."""
-    body = func.body.body if isinstance(func.body, cst.IndentedBlock) else ()
+    body = [] if pf.text.one_line_suite(func.body) else func.body
     last = body[-1] if body else None
-    if isinstance(last, cst.SimpleStatementLine) and isinstance(last.body[-1], cst.Return):
-        return last.body[-1]
-    return None
+    return last if isinstance(last, ast.Return) else None
 
 
 class _ScatterReader:
@@ -360,40 +390,45 @@ class _ScatterReader:
         self.pf = pf
         self.visited: set[int] = set()
 
-    def returns_exact(self, func: cst.FunctionDef, index: int | None) -> bool:
+    def returns_exact(self, func: ast.FunctionDef, index: int | None) -> bool:
         if id(func) in self.visited:
             return False
         self.visited.add(id(func))
-        ret = _final_return(func)
+        ret = _final_return(self.pf, func)
         if ret is None or ret.value is None:
             return False
         value = ret.value
-        if isinstance(value, cst.Tuple):
-            if index is None or index >= len(value.elements):
+        if isinstance(value, ast.Tuple):
+            if index is None or index >= len(value.elts):
                 return False
-            value = value.elements[index].value
+            value = pyast.unstarred(value.elts[index])
         return self._tensor_exact(func, value, _last_assignments(func), 0)
 
     def _tensor_exact(self, func, value, assigned, depth) -> bool:
         if depth > 8:
             return False
-        if isinstance(value, cst.Name) and value.value in assigned:
-            source, index = assigned.pop(value.value)
+        if isinstance(value, ast.Name) and value.id in assigned:
+            source, index = assigned.pop(value.id)
             if index is not None:
-                return isinstance(source, cst.Call) and self._call_exact(source, index)
+                return isinstance(source, ast.Call) and self._call_exact(source, index)
             return self._tensor_exact(func, source, assigned, depth + 1)
-        if isinstance(value, cst.Subscript) and len(value.slice) >= 1 and isinstance(value.slice[0].slice, cst.Slice):
-            rows = value.slice[0].slice
-            return rows.lower is None and rows.upper is not None and self._count_exact(rows.upper, assigned, depth)
-        if isinstance(value, cst.Call) and isinstance(value.func, cst.Attribute) and value.func.attr.value in _ALLOCATORS:
-            first = value.args[0].value if value.args else None
-            if isinstance(first, (cst.Tuple, cst.List)) and first.elements:
-                first = first.elements[0].value
+        if isinstance(value, ast.Subscript):
+            # x[:n, ...]: a slice cannot be parenthesised, so a tuple holding one is the
+            # subscript's own list of dimensions.
+            first = value.slice.elts[0] if isinstance(value.slice, ast.Tuple) and value.slice.elts else value.slice
+            if isinstance(first, ast.Slice):
+                return first.lower is None and first.upper is not None and self._count_exact(first.upper, assigned, depth)
+            return False
+        if isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and value.func.attr in _ALLOCATORS:
+            args = pyast.arguments(value)
+            first = args[0].value if args else None
+            if isinstance(first, (ast.Tuple, ast.List)) and first.elts:
+                first = pyast.unstarred(first.elts[0])
             return first is not None and self._count_exact(first, assigned, depth)
         return False
 
-    def _call_exact(self, call: cst.Call, index: int) -> bool:
-        name = dotted_name(call.func)
+    def _call_exact(self, call: ast.Call, index: int) -> bool:
+        name = pyast.dotted_name(call.func)
         if name is None:
             return False
         head, _, method = name.partition(".")
@@ -406,11 +441,11 @@ class _ScatterReader:
 
     def _count_exact(self, count, assigned, depth) -> bool:
         """``sum(ks)`` (the padded group sizes), directly or through names and ``int()``."""
-        if isinstance(count, cst.Name) and count.value in assigned:
-            source, index = assigned[count.value]
+        if isinstance(count, ast.Name) and count.id in assigned:
+            source, index = assigned[count.id]
             return index is None and self._count_exact(source, assigned, depth + 1)
-        if isinstance(count, cst.Call) and dotted_name(count.func) in ("sum", "int") and len(count.args) == 1:
-            return dotted_name(count.func) == "sum" or self._count_exact(count.args[0].value, assigned, depth + 1)
+        if isinstance(count, ast.Call) and pyast.dotted_name(count.func) in ("sum", "int") and len(pyast.arguments(count)) == 1:
+            return pyast.dotted_name(count.func) == "sum" or self._count_exact(pyast.arguments(count)[0].value, assigned, depth + 1)
         return False
 
 
@@ -423,7 +458,7 @@ class Detector:
 
     converter: str
     direction: str  # "hf" (an HF checkpoint on disk) or "dcp" (DCP metadata)
-    func: cst.FunctionDef
+    func: ast.FunctionDef
     file: ProjectFile
 
 
@@ -545,18 +580,6 @@ class Project:
 
     # -- files --------------------------------------------------------------------------------
 
-    def parse(self, path: str, source: str) -> cst.Module:
-        """Parse a file the engine lints, sharing the tree with the index when the index
-        reads that file too (and reusing the index's tree when it already has it)."""
-        resolved = Path(path).resolve()
-        known = self._files.get(resolved)
-        if known is not None and known.source == source:
-            return known.module
-        module = cst.parse_module(source)
-        if self.reads(path):
-            self._files[resolved] = ProjectFile(self.root, resolved, source, module, self.profile)
-        return module
-
     def preload(self) -> None:
         """Read every file the index may read now (before forking workers that would each
         read them); their notices are said again when a rule asks for the file."""
@@ -573,8 +596,6 @@ class Project:
     def file(self, relative: str) -> ProjectFile | None:
         """The parsed file at ``relative`` (to the root), or None when it is absent or broken."""
         path = self._path(relative)
-        if path in self._files:  # parsed by the engine (see parse), or loaded before
-            return self._files[path]
         return self._computed_once(path, lambda: self._files.setdefault(path, self._load(path)))
 
     def _load(self, path: Path) -> ProjectFile | None:
@@ -583,8 +604,8 @@ class Project:
         try:
             with tokenize.open(path) as handle:  # honours a PEP 263 coding cookie
                 source = handle.read()
-            module = cst.parse_module(source)
-        except (OSError, SyntaxError, UnicodeDecodeError, RecursionError, cst.ParserSyntaxError) as exc:
+            module = ast.parse(source)
+        except (OSError, SyntaxError, ValueError, RecursionError, MemoryError) as exc:  # ValueError: null bytes, decoding
             self.notice(f"cross-file rules cannot read {path.relative_to(self.root).as_posix()}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return None
         return ProjectFile(self.root, path, source, module, self.profile)
@@ -627,9 +648,11 @@ class Project:
         except ValueError:
             return None
 
-    def position(self, path: str, node: cst.CSTNode):
+    def position(self, path: str, anchor: ast.AST | Span | NameOf) -> CodeRange | None:
+        """Where libcst places ``anchor`` of the project file at ``path`` (KeyError: it is not
+        of that file); None when the index did not read the file."""
         pf = self._files.get(Path(path).resolve())
-        return pf.position(node) if pf is not None else None
+        return pf.position(anchor) if pf is not None else None
 
     def source_of(self, path: str) -> str | None:
         pf = self._files.get(Path(path).resolve())

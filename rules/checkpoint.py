@@ -7,14 +7,16 @@ and report in the converter that must change, naming the model.
 
 from __future__ import annotations
 
+import ast
 import re
 
 import libcst as cst
 
+from pithlint.analysis import pyast
 from pithlint.analysis.names import dotted_name
 from pithlint.analysis.structure import functions_called_from
 from pithlint.analysis.walk import walk
-from pithlint.project import Detector, owned_names, raw_parameters, string_value
+from pithlint.project import Detector, def_name, owned_names, raw_parameters, string_value
 from pithlint.rule import Invalid, Rule, Valid
 
 
@@ -417,67 +419,75 @@ def _key_fragment_possible(fragment: str, names: set[str]) -> bool:
 
 
 class _Predicate:
-    """Evaluates a detection predicate against one model: True, False, or None (cannot tell)."""
+    """Evaluates a detection predicate against one model: True, False, or None (cannot tell).
+    Predicates live in the converter files, which the project index reads with ``ast``."""
 
     def __init__(self, names: set[str], model_type: str | None) -> None:
         self.names = names
         self.model_type = model_type
 
-    def function(self, func: cst.FunctionDef) -> bool | None:
+    def function(self, func: ast.FunctionDef, text: pyast.Source) -> bool | None:
         """The function accepts the model's checkpoint: any ``return <test>`` (or ``if <test>:
-        return True``) that can be true."""
+        return True``) that can be true. ``text`` is the source of the converter file."""
         values = []
-        for node in walk(func.body):
-            if isinstance(node, cst.If) and self._returns_true(node.body):
-                values.append(self.expr(node.test))
-            elif isinstance(node, cst.Return) and node.value is not None and not _is_bool(node.value):
-                values.append(self.expr(node.value))
+        for node in _walk_body(func.body):
+            if isinstance(node, ast.If) and self._returns_true(node.body):
+                values.append(self.expr(node.test, text))
+            elif isinstance(node, ast.Return) and node.value is not None and not _is_bool(node.value):
+                values.append(self.expr(node.value, text))
         if any(v is True for v in values):
             return True
         return False if values and all(v is False for v in values) else None
 
     @staticmethod
-    def _returns_true(body: cst.BaseSuite) -> bool:
-        return any(isinstance(n, cst.Return) and isinstance(n.value, cst.Name) and n.value.value == "True" for n in walk(body))
+    def _returns_true(body: list[ast.stmt]) -> bool:
+        return any(isinstance(n, ast.Return) and pyast.is_constant(n.value, True) for n in _walk_body(body))
 
-    def expr(self, node: cst.BaseExpression) -> bool | None:
-        if isinstance(node, cst.BooleanOperation):
-            left, right = self.expr(node.left), self.expr(node.right)
-            if isinstance(node.operator, cst.And):
-                return False if False in (left, right) else (True if left and right else None)
-            return True if True in (left, right) else (False if left is False and right is False else None)
-        if isinstance(node, cst.UnaryOperation) and isinstance(node.operator, cst.Not):
-            inner = self.expr(node.expression)
+    def expr(self, node: ast.expr, text: pyast.Source) -> bool | None:
+        if isinstance(node, ast.BoolOp):  # a and b and c: folded from the left, as written
+            result = self.expr(node.values[0], text)
+            for operand in node.values[1:]:
+                result = self._combine(node.op, result, self.expr(operand, text))
+            return result
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            inner = self.expr(node.operand, text)
             return None if inner is None else not inner
-        if isinstance(node, cst.Call) and dotted_name(node.func) == "any" and node.args:
-            inner = node.args[0].value
-            if isinstance(inner, (cst.GeneratorExp, cst.ListComp)):
-                return self.expr(inner.elt)
+        if isinstance(node, ast.Call) and pyast.dotted_name(node.func) == "any" and pyast.arguments(node):
+            inner = pyast.arguments(node)[0].value
+            if isinstance(inner, (ast.GeneratorExp, ast.ListComp)):
+                return self.expr(inner.elt, text)
             return None
-        if isinstance(node, cst.Comparison) and len(node.comparisons) == 1:
-            target = node.comparisons[0]
-            if isinstance(target.operator, cst.In):
-                fragment = string_value(node.left)
+        if isinstance(node, ast.Compare) and len(node.ops) == 1:
+            operator, comparator = node.ops[0], node.comparators[0]
+            if isinstance(operator, ast.In):
+                fragment = pyast.string_value(node.left)
                 return None if fragment is None else _key_fragment_possible(fragment, self.names)
-            if isinstance(target.operator, cst.Equal) and self.model_type is not None:
-                for side, other in ((node.left, target.comparator), (target.comparator, node.left)):
-                    value = string_value(side)
-                    if value is not None and "model_type" in _spelled(other):
+            if isinstance(operator, ast.Eq) and self.model_type is not None:
+                for side, other in ((node.left, comparator), (comparator, node.left)):
+                    value = pyast.string_value(side)
+                    if value is not None and "model_type" in _spelled(other, text):
                         return value == self.model_type
         return None
 
+    @staticmethod
+    def _combine(operator: ast.boolop, left: bool | None, right: bool | None) -> bool | None:
+        if isinstance(operator, ast.And):
+            return False if False in (left, right) else (True if left and right else None)
+        return True if True in (left, right) else (False if left is False and right is False else None)
 
-def _is_bool(node: cst.BaseExpression) -> bool:
-    return isinstance(node, cst.Name) and node.value in ("True", "False")
+
+def _walk_body(body: list[ast.stmt]):
+    for statement in body:
+        yield from pyast.walk(statement)
 
 
-def _spelled(node: cst.BaseExpression) -> str:
+def _is_bool(node: ast.expr) -> bool:
+    return pyast.is_constant(node, True) or pyast.is_constant(node, False)
+
+
+def _spelled(node: ast.expr, text: pyast.Source) -> str:
     """Names and string literals in an expression (``config.get("model_type")``)."""
-    return " ".join(
-        n.value if isinstance(n, cst.Name) else (string_value(n) or "")
-        for n in walk(node)
-        if isinstance(n, (cst.Name, cst.SimpleString))
-    ) + " " + " ".join(n.attr.value for n in walk(node) if isinstance(n, cst.Attribute))
+    return " ".join(sorted(pyast.libcst_names(node))) + " " + " ".join(text.simple_strings(node))
 
 
 class AmbiguousConverterDetection(Rule):
@@ -529,11 +539,11 @@ class AmbiguousConverterDetection(Rule):
             model_type = project.model_type_of(f"{project.module_name(self.ctx.path)}.{model.name}")
             predicate = _Predicate(names, model_type)
             for direction in ("hf", "dcp"):
-                accepting: list[Detector] = [d for d in detectors if d.direction == direction and predicate.function(d.func) is True]
+                accepting: list[Detector] = [d for d in detectors if d.direction == direction and predicate.function(d.func, d.file.text) is True]
                 for detector in accepting[1:]:
                     self.report(
-                        detector.func.name,
-                        f"{detector.converter}.{detector.func.name.value} and {accepting[0].converter}.{accepting[0].func.name.value} "
+                        def_name(detector.func),
+                        f"{detector.converter}.{detector.func.name} and {accepting[0].converter}.{accepting[0].func.name} "
                         f"both accept a {direction} checkpoint of {model.name} ({project.relative(self.ctx.path)}): key detection on names only one model family owns",
                         path=str(detector.file.path),
                     )

@@ -6,12 +6,15 @@ training module), naming the model class that needs it; PTL405 runs on the harne
 
 from __future__ import annotations
 
+import ast
+
 import libcst as cst
 
+from pithlint.analysis import pyast
 from pithlint.analysis.names import dotted_name
 from pithlint.analysis.structure import ClassInfo
 from pithlint.analysis.walk import walk
-from pithlint.project import FsdpWiring, ProjectFile, number_value, raw_parameters, refers_to
+from pithlint.project import FsdpWiring, ProjectFile, def_name, number_value, raw_parameters, refers_to
 from pithlint.rule import Invalid, Rule, Valid
 
 
@@ -288,7 +291,7 @@ class FillWeightsMissingBranch(Rule):
             if not reached:
                 names = ", ".join(p.name for p in params)
                 self.report(
-                    harness.init_function.name,
+                    def_name(harness.init_function),
                     f"{init}() in {harness.file.relative} has no isinstance branch for {info.name} "
                     f"({model_file}): its raw parameter(s) {names} stay torch.empty in the ladder "
                     "(zero on fresh memory: silent all-zero output, a gradient check that passes trivially)",
@@ -433,7 +436,7 @@ class ShardExpertsGate(Rule):
         gates = harness.shard_names - set(self.profile.expert_count_attrs)
         if not gates:
             self.report(
-                harness.shard_function.name,
+                def_name(harness.shard_function),
                 f"{shard}() in {harness.file.relative} recognises raw-Parameter experts by an expert "
                 f"count alone; the router has one too and would be sliced (test a weight name only "
                 f"experts own, e.g. {next(iter(raw_parameters(experts[0], self.ctx.imports)))!r} of {experts[0].name})",
@@ -444,7 +447,7 @@ class ShardExpertsGate(Rule):
             for router in structure.router_classes:
                 if router.defines(gate):
                     self.report(
-                        harness.shard_function.name,
+                        def_name(harness.shard_function),
                         f"{shard}() in {harness.file.relative} recognises experts by {gate!r}, which the "
                         f"router {router.name} also owns: the router would be sliced under expert parallelism",
                         path=where,
@@ -560,7 +563,7 @@ class FrameworkWiring(Rule):
         imported = any(refers_to(target, qualified) for target in pf.imports.aliases.values())
         why = "has no model_type branch that builds it" if imported else "does not import it"
         self.report(
-            setup.name,
+            def_name(setup),
             f"{self.profile.setup_function}() in {pf.relative} cannot build {model.name} "
             f"({self.ctx.project.relative(self.ctx.path)}): the module {why}",
             path=str(pf.path),
@@ -581,7 +584,7 @@ class FrameworkWiring(Rule):
         missing = [s for s in stages if s not in registered]
         if missing:
             self.report(
-                wiring.func.name,
+                def_name(wiring.func),
                 f"{fsdp}() in {pf.relative} does not register {', '.join(missing)} with "
                 f"{self.profile.fsdp_method_registration}: FSDP will not gather the layer's "
                 "parameters when the pipeline calls it",
@@ -753,11 +756,12 @@ class HarnessWiring(Rule):
 
     def _check_lists(self, branch, model: ClassInfo, configs, where: str, harness: str) -> None:
         assigned = {
-            target.target.attr.value
-            for node in walk(branch.body)
-            if isinstance(node, cst.Assign)
+            target.attr
+            for statement in branch.body  # the harness is read with ast (pithlint.project)
+            for node in pyast.walk(statement)
+            if isinstance(node, ast.Assign)
             for target in node.targets
-            if isinstance(target.target, cst.Attribute)
+            if isinstance(target, ast.Attribute)
         }
         if "num_hidden_layers" not in assigned:
             return

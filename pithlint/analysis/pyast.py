@@ -37,6 +37,19 @@ def _start(node: ast.AST) -> tuple[int, int]:
     return node.lineno, node.col_offset
 
 
+# Fields that hold no node a fact is about: expression contexts and operators (read where
+# they matter, never walked to).
+_NOT_WALKED = frozenset({"ctx", "op", "ops"})
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _fields(kind: type) -> tuple[str, ...]:
+    found = _FIELDS.get(kind)
+    if found is None:
+        found = _FIELDS[kind] = tuple(f for f in kind._fields if f not in _NOT_WALKED)
+    return found
+
+
 def children(node: ast.AST) -> list[ast.AST]:
     """The child nodes of ``node``, in the order libcst's fields list them."""
     kind = type(node)
@@ -48,7 +61,14 @@ def children(node: ast.AST) -> list[ast.AST]:
         return [item for pair in zip(node.keys, node.values) for item in pair if item is not None]
     if kind is ast.ClassDef:
         return [*node.body, *node.bases, *node.keywords, *node.decorator_list]
-    return list(ast.iter_child_nodes(node))
+    found = []
+    for name in _fields(kind):
+        value = getattr(node, name)
+        if isinstance(value, list):
+            found.extend(item for item in value if isinstance(item, ast.AST))
+        elif isinstance(value, ast.AST):
+            found.append(value)
+    return found
 
 
 def walk(node: ast.AST) -> Iterator[ast.AST]:
@@ -120,6 +140,70 @@ def arguments(call: ast.Call) -> list[Argument]:
 def unstarred(node: ast.expr) -> ast.expr:
     """An element of a tuple or list display as libcst's ``element.value`` gives it."""
     return node.value if isinstance(node, ast.Starred) else node
+
+
+def string_value(node: ast.AST | None) -> str | None:
+    """The value of a plain string literal, implicitly concatenated or not (not an f-string)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    return None
+
+
+def _chain(dotted: str) -> Iterator[str]:
+    """The names libcst's tree of a dotted name holds: ``a.b.c`` is an Attribute ``a.b.c``,
+    an Attribute ``a.b`` and the Names ``a``, ``b`` and ``c``."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 1, -1):
+        yield ".".join(parts[:end])
+    yield from parts
+
+
+def libcst_names(node: ast.AST) -> set[str]:
+    """The dotted name of every ``Name`` and ``Attribute`` node libcst's tree of ``node``
+    holds: besides the expressions, attribute names, keyword argument names, the names a
+    ``def``, ``class``, parameter, import, ``as``, ``global`` or pattern binds, and the
+    constants ``True``, ``False`` and ``None``."""
+    found: set[str] = set()
+    for child in walk(node):
+        if isinstance(child, ast.Name):
+            found.add(child.id)
+        elif isinstance(child, ast.Attribute):
+            dotted = dotted_name(child)
+            if dotted is not None:
+                found.add(dotted)
+            found.add(child.attr)
+        elif isinstance(child, ast.alias):
+            if child.name != "*":
+                found.update(_chain(child.name))
+            if child.asname is not None:
+                found.add(child.asname)
+        elif isinstance(child, ast.ImportFrom) and child.module is not None:
+            found.update(_chain(child.module))
+        elif isinstance(child, (ast.Global, ast.Nonlocal)):
+            found.update(child.names)
+        elif isinstance(child, ast.MatchClass):
+            found.update(child.kwd_attrs)
+        elif isinstance(child, ast.Constant) and (child.value is True or child.value is False or child.value is None):
+            found.add(repr(child.value))  # True, False and None are Names in libcst
+        else:
+            name = getattr(child, _BINDS.get(type(child), ""), None)
+            if isinstance(name, str):
+                found.add(name)
+    return found
+
+
+# Nodes that bind a name held as a string (a Name node in libcst): the field that holds it.
+_BINDS = {
+    ast.FunctionDef: "name",
+    ast.AsyncFunctionDef: "name",
+    ast.ClassDef: "name",
+    ast.arg: "arg",
+    ast.keyword: "arg",
+    ast.ExceptHandler: "name",
+    ast.MatchAs: "name",
+    ast.MatchStar: "name",
+    ast.MatchMapping: "rest",
+}
 
 
 class ImportTable:
@@ -209,6 +293,41 @@ def _self_targets(target: ast.expr, value: ast.expr) -> Iterator[tuple[str, ast.
 
 # -- source text ------------------------------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class Span:
+    """A range no single ast node covers (a part of an implicitly concatenated string):
+    1-based lines, 0-based character columns."""
+
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+
+    @property
+    def start(self) -> tuple[int, int]:
+        return self.line, self.column
+
+    @property
+    def end(self) -> tuple[int, int]:
+        return self.end_line, self.end_column
+
+
+@dataclass(frozen=True)
+class NameOf:
+    """The name of a ``def`` or ``class`` (libcst's ``FunctionDef.name``): what a finding
+    about the function points at."""
+
+    node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
+
+
+@dataclass(frozen=True)
+class _StringToken:
+    span: Span
+    value: str | bytes | None  # None: an f-string
+
+
+
 # Python's line ends (not str.splitlines', which also splits on form feeds).
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)?")
 
@@ -225,9 +344,24 @@ class Source:
         text = self.lines[line - 1] if line <= len(self.lines) else ""
         return offset if text.isascii() else len(text.encode("utf-8")[:offset].decode("utf-8", "replace"))
 
-    def position(self, node: ast.AST) -> tuple[int, int, int, int]:
-        """(line, column, end line, end column) of ``node``: equal to libcst's
-        PositionProvider range for the same construct."""
+    def position(self, node: ast.AST | Span | NameOf) -> tuple[int, int, int, int]:
+        """(line, column, end line, end column) of ``node``: libcst's PositionProvider range
+        for the same construct (a ``case`` block, from its keyword to its body's end)."""
+        if isinstance(node, Span):
+            return node.line, node.column, node.end_line, node.end_column
+        if isinstance(node, NameOf):
+            return self._name_position(node.node)
+        if isinstance(node, ast.match_case):
+            line, column = self._case_keyword(node.pattern)
+            last = self.position(node.body[-1])
+            return line, column, last[2], last[3]
+        position = self._range(node)
+        if isinstance(node, (ast.Tuple, ast.GeneratorExp)):  # ast counts their parentheses
+            return self._inside_parentheses(node, position)
+        return position
+
+    def _range(self, node: ast.AST) -> tuple[int, int, int, int]:
+        """``ast``'s range of ``node``, in character columns."""
         return (
             node.lineno,
             self.column(node.lineno, node.col_offset),
@@ -235,8 +369,48 @@ class Source:
             self.column(node.end_lineno, node.end_col_offset),
         )
 
+    def _inside_parentheses(self, node: ast.AST, position: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """``position`` without the parentheses that enclose all of it: from the first token
+        inside them to the last (a trailing comma included, comments not)."""
+        line, column = position[:2]
+
+        def where(token_position: tuple[int, int]) -> tuple[int, int]:
+            row, col = token_position
+            return (line, column + col) if row == 1 else (line + row - 1, col)
+
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(self.segment(node)).readline) if t.type not in _LAYOUT]
+        inside = tokens
+        while len(inside) > 2 and inside[0].string == "(" and _closes_at_end(inside):
+            inside = inside[1:-1]
+        if [t.string for t in inside] == ["(", ")"]:  # (): an empty range before the ")"
+            return (*where(inside[1].start), *where(inside[1].start))
+        if inside is tokens:
+            return position
+        return (*where(inside[0].start), *where(inside[-1].end))
+
+    def _name_position(self, node: ast.AST) -> tuple[int, int, int, int]:
+        """The range of the name after ``def`` (or ``class``): the first token that spells it."""
+        lines = iter(self.lines[node.lineno - 1 :])
+        for token in tokenize.generate_tokens(lambda: next(lines, "")):
+            if token.type == tokenize.NAME and token.string == node.name:
+                (row, column), (end_row, end_column) = token.start, token.end
+                return node.lineno + row - 1, column, node.lineno + end_row - 1, end_column
+        raise KeyError(node)  # unreachable for a parsed def
+
+    def _case_keyword(self, pattern: ast.AST) -> tuple[int, int]:
+        """Where the ``case`` keyword before ``pattern`` starts (with any opening parentheses
+        or line continuations between them)."""
+        line, column = pattern.lineno, self.column(pattern.lineno, pattern.col_offset)
+        while True:
+            found = _CASE.search(self.lines[line - 1][:column])
+            if found is not None:
+                return line, found.start()
+            line -= 1  # the pattern opens a line of its own, after `case (` or `case \`
+            column = len(self.lines[line - 1])
+
     def segment(self, node: ast.AST) -> str:
-        line, column, end_line, end_column = self.position(node)
+        """The text ``ast`` spans for ``node``."""
+        line, column, end_line, end_column = self._range(node)
         if line == end_line:
             return self.lines[line - 1][column:end_column]
         return "".join([self.lines[line - 1][column:], *self.lines[line : end_line - 1], self.lines[end_line - 1][:end_column]])
@@ -257,6 +431,79 @@ class Source:
         kinds = [t.type for t in tokens if t.type not in _LAYOUT]
         return kinds == [tokenize.STRING]
 
+    def string_literals(self, tree: ast.AST) -> list[tuple[ast.AST | Span, str]]:
+        """Every plain string literal of ``tree`` with its value, as libcst's tree holds them
+        (its walk order): an implicit concatenation ``"a" "b"`` is the whole (when no part is
+        an f-string) and then each part, nested to the right (``"a" ("b" "c")``)."""
+        found: list[tuple[ast.AST | Span, str]] = []
+        self._literals(tree, found, True)
+        return found
+
+    def simple_strings(self, node: ast.AST) -> list[str]:
+        """The values of the plain string tokens in ``node`` (libcst's ``SimpleString``
+        nodes): the parts of a concatenation, not the whole."""
+        found: list[tuple[ast.AST | Span, str]] = []
+        self._literals(node, found, False)
+        return [value for _, value in found]
+
+    def _literals(self, node: ast.AST, found: list, wholes: bool) -> None:
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if isinstance(current, ast.JoinedStr) or (isinstance(current, ast.Constant) and isinstance(current.value, (str, bytes))):
+                self._literal_group(current, found, wholes)
+                continue
+            below = children(current)
+            below.reverse()
+            stack.extend(below)
+
+    def _literal_group(self, node: ast.Constant | ast.JoinedStr, found: list, wholes: bool) -> None:
+        """One string expression: a literal, an f-string, or an implicit concatenation."""
+        if isinstance(node, ast.Constant) and not _may_concatenate(self.segment(node)):
+            if isinstance(node.value, str):
+                found.append((node, node.value))
+            return
+        tokens = self._string_tokens(node)
+        expressions = list(_fstring_expressions(node)) if isinstance(node, ast.JoinedStr) else []
+        for index, token in enumerate(tokens):
+            rest = tokens[index:]
+            if wholes and len(rest) > 1 and all(isinstance(t.value, str) for t in rest):
+                found.append((Span(*token.span.start, *rest[-1].span.end), "".join(t.value for t in rest)))
+            if len(tokens) == 1 and isinstance(node, ast.Constant):
+                if isinstance(node.value, str):
+                    found.append((node, node.value))
+            elif isinstance(token.value, str):
+                found.append((token.span, token.value))
+            elif token.value is None:  # an f-string: the literals inside its expressions
+                for expression in expressions:
+                    start = (expression.lineno, self.column(expression.lineno, expression.col_offset))
+                    if token.span.start <= start < token.span.end:
+                        self._literals(expression, found, wholes)
+
+    def _string_tokens(self, node: ast.AST) -> list[_StringToken]:
+        """The string tokens an expression's text is made of (an f-string is one)."""
+        line, column = node.lineno, self.column(node.lineno, node.col_offset)
+        text = "(" + self.segment(node) + ")"  # parenthesised: line breaks are no statements
+
+        def where(position: tuple[int, int]) -> tuple[int, int]:
+            row, col = position
+            return (line, column + col - 1) if row == 1 else (line + row - 1, col)
+
+        tokens, depth, start = [], 0, None
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.type == _FSTRING_START:
+                depth += 1
+                start = start if depth > 1 else token.start
+            elif token.type == _FSTRING_END:
+                depth -= 1
+                if depth == 0:
+                    tokens.append(_StringToken(Span(*where(start), *where(token.end)), None))
+            elif token.type == tokenize.STRING and depth == 0:
+                prefix = token.string[: len(token.string) - len(token.string.lstrip("rRbBuUfF"))]
+                value = None if "f" in prefix.lower() else ast.literal_eval(token.string)
+                tokens.append(_StringToken(Span(*where(token.start), *where(token.end)), value))
+        return tokens
+
     def one_line_suite(self, body: list[ast.stmt]) -> bool:
         """``body`` follows its header's colon on the same line (libcst's
         ``SimpleStatementSuite``), rather than being an indented block."""
@@ -269,5 +516,35 @@ _LAYOUT = frozenset({tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT, tokenize.E
 _TWO_STRINGS = re.compile(r"""['"][\s\\]*(?:#[^\n]*\n[\s\\]*)*[rRbBuUfF]{0,2}['"]""")
 
 
+_OPENING, _CLOSING = frozenset("([{"), frozenset(")]}")
+
+
+def _closes_at_end(tokens: list[tokenize.TokenInfo]) -> bool:
+    """The opening parenthesis ``tokens`` start with is closed by their last token."""
+    depth = 0
+    for index, token in enumerate(tokens):
+        if token.type == tokenize.OP:
+            depth += token.string in _OPENING
+            depth -= token.string in _CLOSING
+        if depth == 0:
+            return index == len(tokens) - 1
+    return False
+
+
 def _may_concatenate(segment: str) -> bool:
     return _TWO_STRINGS.search(segment) is not None
+
+
+# Python 3.12 tokenizes an f-string into parts; 3.11 as one STRING token.
+_FSTRING_START = getattr(tokenize, "FSTRING_START", -1)
+_FSTRING_END = getattr(tokenize, "FSTRING_END", -1)
+_CASE = re.compile(r"\bcase(?:\s|\\|\()*$")
+
+
+def _fstring_expressions(node: ast.JoinedStr) -> Iterator[ast.expr]:
+    """The expressions inside an f-string's braces (format specs included), in order."""
+    for value in node.values:
+        if isinstance(value, ast.FormattedValue):
+            yield value.value
+            if value.format_spec is not None:
+                yield from _fstring_expressions(value.format_spec)
