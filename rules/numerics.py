@@ -256,16 +256,19 @@ class ViewReordersAxes(Rule):
     model_files_only = False
 
     def check(self) -> None:
+        functions = []
         for func in self.ctx.nodes(cst.FunctionDef):
             calls = [n for n in walk(func) if isinstance(n, cst.Call) and _view_args(n) is not None]
             if calls:
-                self._check_function(func, calls)
+                functions.append((func, calls))
+        comments = self._comment_shapes(functions)
+        for func, calls in functions:
+            self._check_function(func, calls, comments.get(id(func), {}))
 
-    def _check_function(self, func: cst.FunctionDef, views: list[cst.Call]) -> None:
+    def _check_function(self, func: cst.FunctionDef, views: list[cst.Call], comment_shapes: dict) -> None:
         code = self.ctx.module.code_for_node
         shapes = self._shapes(func)
         reads_moved = _views_of_moved_names(func)
-        comment_shapes = self._comment_shapes(func)
         for call in views:
             base = call.func.value
             if _moves_axes(base) or id(call) in reads_moved:
@@ -311,25 +314,31 @@ class ViewReordersAxes(Rule):
                         shapes.append(tuple(code(d).strip() for d in dims))
         return shapes
 
-    def _comment_shapes(self, func: cst.FunctionDef) -> dict:
-        """Shapes written in ``# [E, out, in]`` comments inside ``func``: under "all", and
-        per ``.view`` call on the same line (keyed by the call's id)."""
-        text = self.ctx.module.code_for_node(func)
-        if "#" not in text or not _SHAPE_COMMENT.search(text):
+    def _comment_shapes(self, functions: list[tuple[cst.FunctionDef, list[cst.Call]]]) -> dict:
+        """For each function (keyed by its id), the shapes written in ``# [E, out, in]``
+        comments inside it: under "all", and per ``.view`` call on the same line (keyed by
+        the call's id). A function's text is its lines of the file, which only then are
+        located (in one pass)."""
+        if not _SHAPE_COMMENT.search(self.ctx.source):
             return {}
-        first_line = self.ctx.position(func).start.line
-        by_line: dict[int, tuple[str, ...]] = {}
-        for offset, line in enumerate(text.splitlines()):
-            match = _SHAPE_COMMENT.search(line)
-            if match:
-                by_line[first_line + offset] = tuple(p.strip() for p in match.group(1).split(","))
-        result: dict = {"all": list(by_line.values())}
-        for node in walk(func):
-            if isinstance(node, cst.Call) and _view_args(node) is not None:
-                line = self.ctx.position(node).start.line
+        texts = {id(func): self.ctx.module.code_for_node(func) for func, _ in functions}
+        commented = [(func, calls) for func, calls in functions if _SHAPE_COMMENT.search(texts[id(func)])]
+        ranges = self.ctx.positions([node for func, calls in commented for node in (func, *calls)])
+        found = {}
+        for func, calls in commented:
+            first_line = ranges[func].start.line
+            by_line: dict[int, tuple[str, ...]] = {}
+            for offset, line in enumerate(texts[id(func)].splitlines()):
+                match = _SHAPE_COMMENT.search(line)
+                if match:
+                    by_line[first_line + offset] = tuple(p.strip() for p in match.group(1).split(","))
+            result: dict = {"all": list(by_line.values())}
+            for call in calls:
+                line = ranges[call].start.line
                 if line in by_line:
-                    result[id(node)] = by_line[line]
-        return result
+                    result[id(call)] = by_line[line]
+            found[id(func)] = result
+        return found
 
     VALID = [
         Valid(

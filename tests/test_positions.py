@@ -28,3 +28,18 @@ def test_ranges_equal_position_provider(path):
 
 def test_no_nodes_cost_nothing():
     assert code_ranges(cst.parse_module("x = 1\n"), []) == {}
+
+
+class _Unreachable(cst.SimpleStatementLine):
+    """A statement whose code generation fails: generating it means reading too far."""
+
+    def _codegen_impl(self, state, default_semicolon=False) -> None:
+        raise AssertionError("the code after the last target was generated")
+
+
+def test_code_generation_stops_after_the_last_target():
+    module = cst.parse_module("a = 1\nb = (2,\n     3)\nc = 4\n")
+    first, second = module.body[0], module.body[1]
+    target = second.body[0].value.elements[1].value  # the 3, on line 3
+    cut = module.with_changes(body=[first, second, _Unreachable(body=[cst.Pass()])])
+    assert code_ranges(cut, [target]) == {target: code_ranges(module)[target]}
