@@ -189,6 +189,7 @@ class LintRun:
         with indexed(module):
             findings = self._run_rules(ctx)
         findings.extend(self._position(ctx))
+        ctx.pending.clear()  # each pending finding holds its rule, which holds ctx: a cycle
         return self._filter(findings, source, path, project)
 
     def _run_rules(self, ctx: FileContext) -> list[Finding]:

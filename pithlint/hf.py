@@ -166,24 +166,26 @@ def class_facts(classes: dict[str, ClassInfo], imports: ImportTable, source: Sou
         raw[name] = (info, direct, children, parameters, optional)
 
     memo: dict[str, bool] = {}
-
-    def stateful(name: str) -> bool:
-        """The class owns state-dict entries (itself, through submodules, or a base)."""
-        if name not in memo:
-            memo[name] = False  # a cycle adds nothing
-            info, direct, children, _, _ = raw[name]
-            memo[name] = (
-                any(direct.values())
-                or any(stateful(c) for cs in children.values() for c in cs)
-                or any(stateful(b) if b in raw else b not in PLAIN_BASES for b in info.bases)
-            )
-        return memo[name]
-
     facts = {}
     for name, (info, direct, children, parameters, optional) in raw.items():
-        state = [a for a in direct if direct[a] or any(stateful(c) for c in children.get(a, ()))]
+        state = [a for a in direct if direct[a] or any(_stateful(c, raw, memo) for c in children.get(a, ()))]
         facts[name] = ClassFacts(name, list(info.bases), sorted(direct), state, children, parameters, optional)
     return facts
+
+
+def _stateful(name: str, raw: dict, memo: dict[str, bool]) -> bool:
+    """The class owns state-dict entries (itself, through submodules, or a base). A module
+    function, not a closure: a recursive closure is a reference cycle holding the classes'
+    trees until the next garbage collection."""
+    if name not in memo:
+        memo[name] = False  # a cycle adds nothing
+        info, direct, children, _, _ = raw[name]
+        memo[name] = (
+            any(direct.values())
+            or any(_stateful(c, raw, memo) for cs in children.values() for c in cs)
+            or any(_stateful(b, raw, memo) if b in raw else b not in PLAIN_BASES for b in info.bases)
+        )
+    return memo[name]
 
 
 def _may_be_none(value: ast.expr) -> bool:

@@ -107,9 +107,12 @@ class UnexplainedConstant(Rule):
     message = "unexplained float constant"
 
     def check(self) -> None:
-        if all(_is_trivial(_value(f)) for f in self.ctx.nodes(cst.Float)):
+        candidates = {id(f) for f in self.ctx.nodes(cst.Float) if not _is_trivial(_value(f))}
+        if not candidates:
             return
         for func in _outer_functions(self.ctx.module):
+            if not any(id(node) in candidates for node in walk(func.body)):
+                continue  # _floats only yields these: no need to look for exemptions
             for node in self._floats(func.body):
                 self.report(node, f"magic number {node.value} in '{func.name.value}': read it from the config, or name it as a module-level UPPER_CASE constant with a comment naming its source")
         for statement in self.ctx.module.body:

@@ -120,20 +120,20 @@ class _TreeIndex:
 
     def __init__(self, root: cst.CSTNode) -> None:
         order: list[cst.CSTNode] = []
-        parents: list[int] = []
-        stack: list[tuple[cst.CSTNode, int]] = [(root, -1)]
+        ends: list[int] = []
+        # Depth first; an int on the stack marks where the subtree of order[int] ends.
+        stack: list = [root]
         while stack:
-            current, parent = stack.pop()
-            index = len(order)
+            current = stack.pop()
+            if type(current) is int:
+                ends[current] = len(order)
+                continue
+            stack.append(len(order))
             order.append(current)
-            parents.append(parent)
+            ends.append(0)
             below = _fields_children(current)
-            stack.extend((child, index) for child in reversed(below))
-        # A subtree is contiguous in depth-first order: it ends where its last descendant does.
-        ends = list(range(1, len(order) + 1))
-        for index in range(len(order) - 1, 0, -1):
-            parent = parents[index]
-            ends[parent] = max(ends[parent], ends[index])
+            below.reverse()
+            stack.extend(below)
         self.order = order
         self.ends = ends
         # Keyed by id(): libcst nodes hash in Python; the list keeps every id alive.
