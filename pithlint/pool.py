@@ -16,10 +16,10 @@ if TYPE_CHECKING:
     from pithlint.cache import ResultCache
     from pithlint.engine import LintRun
 
-# Starting and stopping a 2-worker pool costs about 11 ms; a file takes about 25 ms to lint
-# (upstream PithTrain's pithtrain/, 2 idle cores: 1.22 s serial, 0.93 s pooled). Eight files
-# per worker keeps a pre-commit run of a handful of files serial, where the gain is small
-# and the spread of a busy machine is not.
+# Starting and stopping a 2-worker pool costs about 11 ms; a file takes about 20 ms to lint
+# (upstream PithTrain's pithtrain/, cold, 2 cores at load 1: 1.20 s serial, 0.79 s pooled).
+# Eight files per worker keeps a pre-commit run of a handful of files serial, where the gain
+# is small and the spread of a busy machine is not.
 FILES_PER_WORKER = 8
 
 # What forked workers inherit: (run, with_edits). Set only while a pool runs.
@@ -86,8 +86,8 @@ def _in_pool(run: LintRun, jobs: list, with_edits: bool, workers: int) -> list[t
     if "fork" not in multiprocessing.get_all_start_methods():
         return [(i, lint_one(run, p, d, with_edits)) for i, p, d in jobs]
     # The workers inherit the project index read here, instead of each parsing it again
-    # (measured on 2 idle cores: 0.065 s less CPU, 0.025 s more wall; it saves more with
-    # more workers).
+    # (since the index is read with ast, about 10 ms: on 2 cores no difference in wall or
+    # CPU that a measurement shows; it saves more with more workers).
     if run.needs_project:
         for _, path, _ in jobs:
             project = run.project_for(str(path))
