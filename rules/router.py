@@ -600,6 +600,9 @@ class SideEffectInCompiledRegion(Rule):
         ctx = self.ctx
         loggers, containers = self._module_state()
         walked: set[int] = set()
+        # The walk hands every node of a block the same conditions tuple: decide each once
+        # (the tuple is kept with its answer, so its id stays its own).
+        eager: dict[int, tuple[tuple[Condition, ...], bool]] = {}
         for label, owner, region in self._regions():
             for cls, func in reachable_functions(ctx.structure.classes, owner, region, ctx.module_functions):
                 if id(func) in walked:
@@ -609,7 +612,9 @@ class SideEffectInCompiledRegion(Rule):
                 if func is not region:
                     where = f"'{_qualname(cls, func)}', called from {where}"
                 for node, conditions in guarded_walk(func.body):
-                    if self._eager_only(conditions):
+                    if id(conditions) not in eager:
+                        eager[id(conditions)] = (conditions, self._eager_only(conditions))
+                    if eager[id(conditions)][1]:
                         continue
                     what = self._side_effect(node, cls, loggers, containers)
                     if what is not None:
