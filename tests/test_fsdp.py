@@ -7,10 +7,13 @@ Launched once per rank by torchrun (pytest must not collect it; see tests/confte
         --model examples/pretrain_language_model/qwen3_moe/tiny.json \
         --result-dir /tmp/ladder-2x2
 
-Every rank builds the same single-stage reference model (``num_stages=1``), runs
-``N * ep`` micro-batches through its plain eager ``reference_forward`` and accumulates the
-gradients; then this rank's two pipeline stages, holding the same weights (experts
-sliced to this EP rank), run one ``DualPipeV.step`` over this EP rank's share of the data.
+Every rank builds the same single-stage reference model (``num_stages=1``: every layer,
+every expert), runs ``N * ep`` micro-batches one after the other through its 5-stage path in
+this one process (no scheduler, no P2P, no all-to-all) and accumulates the gradients; then
+this rank's two pipeline stages, holding the same weights (experts sliced to this EP rank),
+run one ``DualPipeV.step`` over this EP rank's share of the data. That the 5-stage path
+computes what the plain eager ``reference_forward`` computes is tier 3's check
+(``pithlint/ladder/reference_check.py``), run before the rungs.
 The rung passes when every micro-batch loss matches the reference
 (``allclose(rtol=1e-3, atol=1e-3)``), every parameter gradient has
 ``calc_diff < 1e-2``, and the MoE blocks are not silently all-zero.
@@ -47,10 +50,11 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
 from pithlint.ladder.diagnosis import diagnose, summarize_record  # noqa: E402
-from pithtrain.debug import fill_uninitialized, poison_enabled  # noqa: E402
+from pithtrain.debug import fill_uninitialized, poison_enabled, poisoning  # noqa: E402
 from pithtrain.dualpipe import DualPipeV, set_p2p_tensor_dtype, set_p2p_tensor_shapes  # noqa: E402
+from pithtrain.dualpipe.execution import create_intermediate_tensors  # noqa: E402
+from pithtrain.dualpipe.overlap import backward_with_records, forward_with_records  # noqa: E402
 from pithtrain.dualpipe.layer_partition import layer_partition  # noqa: E402
-from pithtrain.layers.factory import ModelImplMode  # noqa: E402
 from pithtrain.layers.group_linear import GroupLinear  # noqa: E402
 from pithtrain.models.deepseek_v2 import (  # noqa: E402
     DeepseekV2Experts,
@@ -228,6 +232,24 @@ def criterion(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(output.float(), target.float())
 
 
+def five_stage_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor):
+    """Forward and backward of one micro-batch through ``model``'s 5-stage path in this
+    process (gradients accumulate in ``model``); returns the loss and the logits, detached.
+
+    The rungs compare the pipeline against this path rather than against the eager
+    ``reference_forward``: in bf16 the compiled regions and the eager code round
+    differently, and a token whose top-k experts are nearly tied then picks other experts
+    in each (measured: 0-3 of 128 tokens per MoE layer), moving that token's whole router
+    gradient past the threshold. The same compiled regions on the same micro-batch shapes
+    make the same choices, so a rung measures what pipelining and expert parallelism add.
+    """
+    records = create_intermediate_tensors(len(model.layers), True, True)
+    (logits,) = forward_with_records(model, [x], records)
+    loss = criterion(logits, labels)
+    backward_with_records(model, None, loss, records)
+    return loss.detach(), logits.detach()
+
+
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """``1 - 2 sum(xy) / sum(x^2 + y^2)`` in float64: 0 iff x == y; scale and direction."""
     x, y = x.double(), y.double()
@@ -276,15 +298,15 @@ def run(args, ctx, reporter: Reporter, record: dict) -> None:
     if rank == 0:
         info("[INFO] Running the reference step.")
     t0 = time.perf_counter()
-    ModelImplMode.use_reference_fwd = True
     ref_losses = []
     chunks = ep_size * num_chunks
-    for i, (x, labels) in enumerate(zip(full_x.chunk(chunks), full_l.chunk(chunks))):
-        reporter.progress(f"reference step: micro-batch {i + 1}/{chunks}")
-        loss = criterion(full(x), labels)
-        loss.backward()
-        ref_losses.append(loss.detach())
-    ModelImplMode.use_reference_fwd = False
+    # The reference is the answer on clean memory: the poison switch (PTR020) is for the
+    # pipeline under test.
+    with poisoning(False):
+        for i, (x, labels) in enumerate(zip(full_x.chunk(chunks), full_l.chunk(chunks))):
+            reporter.progress(f"reference step: micro-batch {i + 1}/{chunks}")
+            loss, _ = five_stage_step(full, x, labels)
+            ref_losses.append(loss)
     loss_ref = torch.stack(ref_losses)
     record["times"]["reference_s"] = time.perf_counter() - t0
     dist.barrier()

@@ -101,7 +101,7 @@ KINDS = (
 
 # What each rung adds over the one before it: the suspect when it is the first to fail.
 RUNG_ADDS = {
-    (1, 1): "the scheduler and the modeling",
+    (1, 1): "the DualPipeV schedule and FSDP (the 5-stage modeling itself is tier 3's check)",
     (2, 1): "pipeline P2P and the stage-record copy",
     (1, 2): "the all-to-all, token deduplication, expert sharding and expert-bias slicing",
     (2, 2): "the combination of pipeline and expert parallelism",

@@ -8,10 +8,10 @@ This module imports torch; the runner never imports it, it launches it::
     python -m pithlint.ladder.reference_check --harness tests/test_fsdp.py \\
         --model examples/pretrain_language_model/qwen3_moe/tiny.json --result-dir DIR
 
-The model class, the weight initialisation, the loss and the data recipe are the harness's
-own (``load_model_class``, ``fill_weights``, ``criterion``, ``record_dtype``, ``SEED``,
-``LABEL_SCALE``, the ``Reporter``), imported from the harness file, so tier 3 runs exactly
-the model that tier 4 runs. It writes ``DIR/rank0.progress`` and ``DIR/rank0.json`` like a
+The model class, the weight initialisation, the 5-stage step, the loss and the data recipe
+are the harness's own (``load_model_class``, ``fill_weights``, ``five_stage_step``,
+``criterion``, ``record_dtype``, ``SEED``, ``LABEL_SCALE``, the ``Reporter``), imported from
+the harness file, so tier 3 runs exactly the model and the path that tier 4 runs. It writes ``DIR/rank0.progress`` and ``DIR/rank0.json`` like a
 harness rank (format: ``pithlint/ladder/diagnosis.py``), with ``status``, ``losses``,
 ``ref_losses``, ``loss_ok``, ``error``/``traceback`` as there, plus:
 
@@ -75,20 +75,15 @@ def make_batches(args, harness, config, device: torch.device, dtype: torch.dtype
 
 
 def five_stage_pass(model, harness, xs, labels, reporter, what: str = "5-stage"):
-    """Forward and backward of every micro-batch through the 5-stage path (gradients
-    accumulate in ``model``); returns the losses and the logits, one per micro-batch."""
-    from pithtrain.dualpipe.execution import create_intermediate_tensors
-    from pithtrain.dualpipe.overlap import backward_with_records, forward_with_records
-
+    """Forward and backward of every micro-batch through the 5-stage path with the
+    harness's ``five_stage_step`` (gradients accumulate in ``model``); returns the losses
+    and the logits, one per micro-batch."""
     losses, stage_logits = [], []
     for i, (x, label) in enumerate(zip(xs, labels)):
         reporter.progress(f"{what} forward and backward: micro-batch {i + 1}/{len(xs)}")
-        records = create_intermediate_tensors(len(model.layers), True, True)
-        (logits,) = forward_with_records(model, [x], records)
-        loss = harness.criterion(logits, label)
-        stage_logits.append(logits.detach())
-        backward_with_records(model, None, loss, records)
-        losses.append(loss.detach())
+        loss, logits = harness.five_stage_step(model, x, label)
+        losses.append(loss)
+        stage_logits.append(logits)
     return losses, stage_logits
 
 

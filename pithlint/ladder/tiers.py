@@ -1,9 +1,11 @@
 """The ladder's tiers and their checks (``ladder.md``), in the order they run.
 
 ``TIERS`` is the registry the runner walks: a ``Tier`` lists its checks for a run, and a
-``Check`` runs once per model and returns an ``Outcome``. Adding a tier (1: build and init,
-2: compile, 5: padding poison / HF parity / checkpoints) is adding one ``Tier`` entry with
-its checks; the runner, the live view, the table and the reports need nothing else.
+``Check`` runs once per model and returns an ``Outcome``. Tiers 0 (lint), 3 (reference) and
+4 (the rungs) run here; the probes of tiers 1 (build_check.py), 2 (compile_check.py) and 5
+(poison_check.py, parity.py) live in modules of their own, each launching its torch work
+as a separate process. Adding a check is adding its ``Check`` to a ``Tier`` entry; the
+runner, the live view, the table and the reports need nothing else.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Callable, Optional, Protocol
 
 from pithlint.config import load_settings
+from pithlint.ladder.build_check import run_build_check
+from pithlint.ladder.compile_check import run_compile_check
 from pithlint.ladder.diagnosis import (
     RUNG_ADDS,
     Verdict,
@@ -27,6 +31,7 @@ from pithlint.ladder.diagnosis import (
 )
 from pithlint.ladder.launch import Launch, Placement, place, run_group
 from pithlint.ladder.parity import run_tier5
+from pithlint.ladder.poison_check import run_poison_check
 from pithlint.ladder.targets import Target
 from pithlint.ladder.upstream_log import last_info, records_from_log
 
@@ -38,8 +43,8 @@ LOG_TAIL_LINES = 25
 # Tier 3 imports these from the harness (pithlint/ladder/reference_check.py): a harness
 # without them (upstream PithTrain's) cannot run it.
 REFERENCE_HARNESS_API = (
-    "load_model_class", "fill_weights", "criterion", "record_dtype", "calc_diff", "Reporter",
-    "SEED", "LABEL_SCALE",
+    "load_model_class", "fill_weights", "criterion", "five_stage_step", "record_dtype",
+    "calc_diff", "Reporter", "SEED", "LABEL_SCALE",
 )  # fmt: skip
 
 
@@ -47,7 +52,7 @@ REFERENCE_HARNESS_API = (
 class Outcome:
     """What one check of one model came to."""
 
-    status: str  # "passed", "failed", "skipped" or "not-run"
+    status: str  # "passed", "failed", "skipped", "not-run" or "interrupted"
     message: str = ""  # the diagnosis (failed), the reason (skipped, not-run), or a note
     time_s: float = 0.0  # set by the runner: the check's wall time
     kind: Optional[str] = None  # the diagnosis class (diagnosis.KINDS, "hang", ...)
@@ -470,6 +475,23 @@ def _apply_verdict(
 # ---------------------------------------------------------------------------- registry
 
 LINT = Check(0, "lint", None, "static lint of the model file and its wiring", run_lint)
+BUILD = Check(
+    1, "build", "PTR001", "every stage of pp=1 and pp=2 builds on meta", run_build_check
+)
+INIT = Check(
+    1, "init", "PTR002", "weight init reaches every parameter; MoE output non-zero",
+    run_build_check,
+)  # fmt: skip
+GROUPS = Check(
+    1, "groups", "PTR040", "an unimplemented process group is rejected", run_build_check
+)
+COMPILE = Check(
+    2, "compile", "PTR003", "hot regions: no graph break, no recompile", run_compile_check
+)
+POISON = Check(
+    5, "poison", "PTR020", "NaN in padding rows and empty buffers changes nothing",
+    run_poison_check,
+)  # fmt: skip
 REFERENCE = Check(3, "reference", "PTR010", "reference vs 5-stage, one process", run_reference)
 PARITY = Check(5, "parity", "PTR030", "logits vs transformers' model (fp32)", run_tier5)
 ROUNDTRIP = Check(5, "roundtrip", "PTR031", "HF -> canonical -> HF, bit for bit", run_tier5)
@@ -489,7 +511,13 @@ def _rung_check(rung: tuple[int, int]) -> Check:
 
 TIERS = (
     Tier(0, "static lint", lambda options: [LINT]),
+    Tier(1, "build, weight init, process groups", lambda options: [BUILD, INIT, GROUPS]),
+    Tier(2, "compile checks", lambda options: [COMPILE]),
     Tier(3, "reference vs 5-stage (one process)", lambda options: [REFERENCE]),
     Tier(4, "the pp/ep ladder", lambda options: [_rung_check(r) for r in options.rungs]),
-    Tier(5, "Hugging Face parity, checkpoint round trip", lambda options: [PARITY, ROUNDTRIP]),
+    Tier(
+        5,
+        "padding poison, HF parity, checkpoint round trip",
+        lambda options: [POISON, PARITY, ROUNDTRIP],
+    ),
 )

@@ -48,8 +48,14 @@ def apply_fsdp(model: nn.Sequential, mesh: DeviceMesh, param_dtype: torch.dtype)
     gathers parameters around them too.
     """
     expert_mesh, other_mesh = fsdp_meshes(mesh)
+    # No input casts (the seed casts): every stage input is already in the parameter dtype
+    # except the fp32 router weights, which stage 5 multiplies in fp32 on purpose. A cast
+    # rounds them to bf16, and whether FSDP applies it to a registered stage method depends
+    # on the torch version and on which module became FSDP's root (torch 2.13: every
+    # layer; torch 2.11 on H200: only some rungs), so a pipeline in bf16 routed some tokens
+    # differently from the same model without FSDP (gpt_oss rung 2x1: calc_diff 1.2e-2).
     mp = MixedPrecisionPolicy(
-        param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=True
+        param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
     )
     for module in model:
         assert isinstance(module, (Qwen3MoeModel, GptOssModel, DeepseekV2Model)), (

@@ -132,8 +132,9 @@ def test_qwen3_moe_junit_has_a_case_per_check(qwen3_run):
 @pytest.mark.parametrize(
     ("fixture", "args", "failed_at", "kind", "code"),
     [
-        # Every tier runs: lint and the single process pass, rung 1x1 sees the silent experts.
-        ("unlisted_experts.py", [], "1x1", "moe-all-zero", "PTL401"),
+        # Tier 1 stops it first (tests/ladder/test_tier1.py); without tier 1, lint and the
+        # single process pass and rung 1x1 sees the silent experts.
+        ("unlisted_experts.py", ["--tiers", "0,3,4"], "1x1", "moe-all-zero", "PTL401"),
         # The lost all-to-all context only shows with ep = 2.
         ("skip_ctx_record_copy.py", ["--tiers", "4", "--rungs", "1x1,1x2"], "1x2", "crash", "PTL107"),
         ("raw_index_stage3.py", ["--tiers", "4"], "1x1", "crash", "PTL302"),
@@ -313,8 +314,9 @@ def test_rung_and_tier_selection():
     for bad in ("3x1", "x", ""):
         with pytest.raises(LadderUsage):
             parse_rungs(bad)
-    with pytest.raises(LadderUsage):
-        parse_tiers("2")
+    for bad in ("6", "x"):
+        with pytest.raises(LadderUsage):
+            parse_tiers(bad)
 
 
 def test_suspect_is_what_the_failed_rung_adds_over_those_that_passed():
