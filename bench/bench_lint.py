@@ -20,8 +20,11 @@ each as the median of --runs runs after one unmeasured warm-up run, with min and
 
 Fixit, TorchFix, pylint and ruff run on the same paths when they are on PATH (this script
 installs nothing); they have no result cache except ruff, which runs with --no-cache cold.
-"Cold" means an empty result cache, not an empty OS page cache. Wall time is measured around
-the process (start-up included); cpu is user + system of the process and its children.
+"Cold" means an empty result cache, Hugging Face facts included (pithlint/hf.py; a scenario
+marked "HF facts cached" keeps them), not an empty OS page cache. Every tool runs with
+XDG_CACHE_HOME set to a folder of its own, so no user-level cache from outside the benchmark
+(pithlint's fallback for the HF facts is ~/.cache/pithlint/hf) answers a cold run either. Wall time is measured around the
+process (start-up included); cpu is user + system of the process and its children.
 """
 
 from __future__ import annotations
@@ -123,6 +126,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="pithlint-bench-"))
+    ENV["XDG_CACHE_HOME"] = str(work / "user-cache")  # fresh: see the module doc string
     try:
         corpus = work / "corpus"
         shutil.copytree(args.corpus, corpus, ignore=shutil.ignore_patterns(".git", ".pithlint_cache", ".ruff_cache"))
