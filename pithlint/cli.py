@@ -60,7 +60,7 @@ class _CheckCommand(click.Command):
     "To lint a folder called 'rules', write 'rules/'. 'pithlint --run-ladder [MODEL]...' runs "
     "models through the runtime ladder ('pithlint --run-ladder --help').",
 )
-@click.argument("paths", nargs=-1, type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path(readable=False))  # unreadable: a PTL001, the rest still linted
 @click.option("--select", multiple=True, help="Rules to enable: codes, prefixes (PTL3), names, or ALL. Replaces the configured selection.")
 @click.option("--extend-select", multiple=True, help="Rules to enable in addition to the selection.")
 @click.option("--ignore", multiple=True, help="Rules to disable (codes, prefixes, names).")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -111,6 +114,30 @@ def test_unreadable_file(tmp_path, run):
     locked.chmod(0)
     findings = run.lint_file(locked).findings
     assert codes(findings) == ["PTL001"] and "cannot read file" in findings[0].message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="covered by test_unreadable_file when not root")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_unreadable_file_as_root(tmp_path):
+    """As root, the permission bits bind only once the capabilities that bypass them are
+    dropped (setpriv): then the whole command reports the file and lints the others."""
+    locked = tmp_path / "locked.py"
+    locked.write_text("x = 1\n", encoding="utf-8")
+    locked.chmod(0)
+    readable = tmp_path / "readable.py"
+    readable.write_text("def f(:\n", encoding="utf-8")
+    cmd = [
+        "setpriv", "--bounding-set=-dac_override,-dac_read_search",
+        sys.executable, "-m", "pithlint", "--no-cache", "--format", "json",
+        str(locked), str(readable),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    findings = {Path(f["path"]).name: f for f in json.loads(proc.stdout)}
+    assert findings["locked.py"]["code"] == "PTL001", proc.stdout + proc.stderr
+    assert "cannot read file" in findings["locked.py"]["message"]
+    assert findings["readable.py"]["code"] == "PTL001"  # the syntax error, still reported
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 2  # a file that cannot be read or parsed
 
 
 def test_bad_files_do_not_stop_the_others(tmp_path):
