@@ -46,7 +46,7 @@ imports this module and never imports torch.
 
 from __future__ import annotations
 
-import argparse
+import functools
 import inspect
 import json
 import sys
@@ -66,8 +66,6 @@ FAKE_GROUP_SIZE = 2
 EDGE_MODULES = (("embed_tokens", "first"), ("norm", "last"), ("lm_head", "last"))
 BATCH, SEQ_LEN, SEED = 2, 16, 0
 RESULT_FILE = "probes.json"
-# The outcome detail that names the result file the three checks share.
-RESULT_DETAIL = "probe_result"
 SHOWN = 8  # findings listed in a message
 
 
@@ -478,11 +476,9 @@ def run_probes(args) -> dict:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--harness", required=True, type=Path)
-    parser.add_argument("--model", required=True, help="config path")
-    parser.add_argument("--model-file", default=None, help="take the model class from here")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    from pithlint.ladder.reference_check import probe_parser  # imports torch
+
+    parser = probe_parser(__doc__.splitlines()[0])
     parser.add_argument("--result-json", required=True, type=Path)
     return parser.parse_args(argv)
 
@@ -501,86 +497,43 @@ def main(argv=None) -> int:
 
 
 def run_build_check(ctx, check):
-    """The runner's tier-1 check ``check.id`` (build, init or groups) on its target."""
+    """The runner's tier-1 check ``check.id`` (build, init or groups) on its target: the
+    first of the three to run launches the probes, the later ones read its result file."""
     # Imported here: pithlint/ladder/tiers.py imports this module for its registry.
-    from pithlint.ladder.launch import place
-    from pithlint.ladder.tiers import Outcome, _harness_lacks
+    from pithlint.ladder.tiers import RESULT_FILE_DETAIL, Probe, result_file_outcome, run_probe
 
-    target = ctx.target
-    lacks = [name for name in _harness_lacks(target.harness) if name in HARNESS_API]
-    if lacks:
-        return Outcome(
-            "skipped",
-            f"the harness {target.harness} does not define {', '.join(lacks)}, which the "
-            "tier-1 probes take from it (run --tiers without 1)",
-        )
-    placement = place(ctx.options.device, 1)
-    if placement.skip_reason:
-        return Outcome("skipped", placement.skip_reason)
-    earlier = _earlier_probe_outcome(ctx)
-    if earlier is None:
-        return _launch_probes(ctx, check, placement)
-    details = {k: earlier.details[k] for k in ("log", "returncode", RESULT_DETAIL)}
-    return _outcome(check, Path(details[RESULT_DETAIL]), details, earlier.message)
-
-
-def _earlier_probe_outcome(ctx):
-    """The outcome of this model's tier-1 check that already ran the probe process."""
-    for done, outcome in ctx.done:
-        if done.run is run_build_check and RESULT_DETAIL in outcome.details:
-            return outcome
-    return None
-
-
-def _launch_probes(ctx, check, placement):
-    from pithlint.ladder.launch import run_group
-    from pithlint.ladder.tiers import Outcome, log_tail, rank_env
-
-    target = ctx.target
-    result_json = ctx.result_dir(check) / RESULT_FILE
-    argv = [
-        sys.executable, "-m", "pithlint.ladder.build_check",
-        "--harness", str(target.harness), "--model", str(target.config),
-        "--device", placement.device, "--result-json", str(result_json),
-    ]  # fmt: skip
-    if target.model_file is not None:
-        argv += ["--model-file", str(target.model_file)]
-    launch = run_group(
-        lambda _port: argv,
-        cwd=target.root,
-        env=rank_env(placement, ctx.options),
-        result_dir=result_json.parent,
-        timeout_s=ctx.timeout_s,
-        on_tick=lambda elapsed: ctx.view.tick(elapsed, {}),
-        use_port=False,
-    )
-    details = {
-        "log": str(launch.log_path),
-        "returncode": launch.returncode,
-        RESULT_DETAIL: str(result_json),
-    }
-    if launch.timed_out:
-        message = (
-            f"the tier-1 probes exceeded the time limit of {ctx.timeout_s:g} s and were killed "
+    probe = Probe(
+        "build_check",
+        hang=(
+            "the tier-1 probes exceeded the time limit of {timeout:g} s and were killed "
             "(a constructor or the forward that never returns)"
-        )
-        return Outcome("failed", message, kind="hang", code=check.code, details=details)
-    failure = (
-        f"the tier-1 probes wrote no result; last lines of their log ({launch.log_path}):\n"
-        f"{log_tail(launch.log_path)}"
+        ),
+        no_result="the tier-1 probes wrote no result; last lines of their log",
+        harness_use="the tier-1 probes take from it (run --tiers without 1)",
+        harness_api=HARNESS_API,
+        result_file=RESULT_FILE,
+        coded=("hang", "missing-results"),
     )
-    return _outcome(check, result_json, details, failure)
+
+    to_outcome = functools.partial(_outcome, check)
+    # The outcome of this model's tier-1 check that launched the probes names their result.
+    launched = next(
+        (o for c, o in ctx.done if c.run is run_build_check and RESULT_FILE_DETAIL in o.details),
+        None,
+    )
+    if launched is None:
+        return run_probe(ctx, check, probe, to_outcome)
+    details = {k: launched.details[k] for k in ("log", "returncode", RESULT_FILE_DETAIL)}
+    result = Path(details[RESULT_FILE_DETAIL])
+    # No result file: the probes hung or died, and the first check's message says how.
+    return result_file_outcome(check, probe, result, details, launched.message, to_outcome)
 
 
-def _outcome(check, result_json: Path, details: dict, failure: str):
-    """``check``'s part of the probes' result file; ``failure`` is the message when the
-    file is missing (the probe process died or was killed)."""
+def _outcome(check, results: dict, details: dict):
+    """``check``'s part of the probes' results (their result file) as the runner's Outcome."""
     from pithlint.ladder.tiers import Outcome
 
-    try:
-        result = json.loads(result_json.read_text())[check.id]
-    except (OSError, ValueError, KeyError):
-        return Outcome("failed", failure, kind="missing-results", code=check.code, details=details)
+    result = results[check.id]
     return Outcome(
         result["status"],
         result["message"],

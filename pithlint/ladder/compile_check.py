@@ -41,13 +41,11 @@ It writes ``DIR/rank0.progress`` and ``DIR/rank0.json`` like a harness rank (for
 
 from __future__ import annotations
 
-import argparse
+import functools
 import linecache
 import logging
 import re
 import sys
-import time
-import traceback
 from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -451,6 +449,7 @@ def run(args, harness, reporter, record: dict) -> None:
             f"None of profile {args.profile}'s hot regions ({', '.join(wanted)}) is a method "
             "of the model's modules: there is nothing to trace."
         )
+        print(record["message"])
         return
     reporter.progress(f"trace {len(regions)} hot region(s) past their graph breaks")
     record["breaks"] = trace_breaks(regions, forward, args.seq_len)
@@ -465,17 +464,16 @@ def run(args, harness, reporter, record: dict) -> None:
     record["passes"] = passes
     record["dynamic_shape_cost"] = dynamic_shape_cost(passes)
     record.update(verdict(regions, record["breaks"], passes))
+    print(record["message"])
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--harness", required=True, type=Path)
-    parser.add_argument("--model", required=True, help="config path")
-    parser.add_argument("--model-file", default=None, help="take the model class from here")
+    from pithlint.ladder.reference_check import probe_parser  # imports torch
+
+    parser = probe_parser(__doc__.splitlines()[0])
     parser.add_argument(
         "--profile", choices=sorted(PROFILES), default="v1", help="whose hot regions"
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
     parser.add_argument("--new-seq-len", type=int, default=NEW_SEQ_LEN)
@@ -484,36 +482,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    from pithlint.ladder.reference_check import load_harness  # imports torch
+    from pithlint.ladder.reference_check import run_as_rank0  # imports torch
 
-    harness = load_harness(args.harness.resolve())
-    reporter = harness.Reporter(args.result_dir, 0)
-    record = {
-        "version": 1,
-        "rank": 0,
-        "world_size": 1,
-        "model": args.model,
-        "model_file": args.model_file,
-        "profile": args.profile,
-        "device": args.device,
-        "status": "error",
-        "times": {},
-    }
-    try:
-        run(args, harness, reporter, record)
-    except Exception as exc:
-        record["status"] = "error"
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["traceback"] = traceback.format_exc()
-        traceback.print_exc()
-    record["times"]["total_s"] = time.perf_counter() - started
-    if record["status"] != "error":
-        reporter.progress("done")
-    reporter.result(record)
-    print(record.get("message", record.get("error", "")))
-    return 0 if record["status"] == "passed" else 1
+    args = parse_args(argv)
+    return run_as_rank0(args, run, profile=args.profile)
 
 
 # ---------------------------------------------------------------------------- the runner's check
@@ -531,56 +503,29 @@ def run_compile_check(ctx, check):
     """The runner's PTR003 check on its target: the probe above as a process of its own.
     Returns the runner's ``Outcome``."""
     # Imported here: pithlint/ladder/tiers.py imports this module for its registry.
-    from pithlint.ladder import tiers
-    from pithlint.ladder.diagnosis import diagnose
+    from pithlint.ladder.tiers import Probe, run_probe
 
-    target = ctx.target
-    lacks = tiers._harness_lacks(target.harness)
-    if lacks:
-        return tiers.Outcome(
-            "skipped",
-            f"the harness {target.harness} does not define {', '.join(lacks)}, which the "
-            "compile probe builds the model with (run --tiers without 2)",
-        )
-    placement = tiers.place(ctx.options.device, 1)
-    if placement.skip_reason:
-        return tiers.Outcome("skipped", placement.skip_reason)
-    result_dir = ctx.result_dir(check)
-    argv = [
-        sys.executable, "-m", "pithlint.ladder.compile_check",
-        "--harness", str(target.harness), "--model", str(target.config),
-        "--profile", _active_profile(target), "--device", placement.device,
-        "--result-dir", str(result_dir),
-    ]  # fmt: skip
-    if target.model_file is not None:
-        argv += ["--model-file", str(target.model_file)]
-    launch = tiers._launch(ctx, check, lambda _port: argv, placement, structured=True)
-    records, progress, read_error = tiers._read_results(result_dir)
-    details = tiers._launch_details(launch, placement, result_dir)
-    if launch.timed_out:
-        message, details["ranks"] = tiers._hang(
-            ctx, "The compile probe", launch, records, progress, 1
-        )
-        return tiers.Outcome("failed", message, kind="hang", code=check.code, details=details)
-    if not records:
-        tail = tiers.log_tail(launch.log_path)
-        message = read_error or "The probe wrote no result."
-        return tiers.Outcome(
-            "failed",
-            f"{message} Last lines of its log ({launch.log_path}):\n{tail}",
-            kind="missing-results",
-            details=details,
-        )
-    record = records[0]
+    probe = Probe(
+        "compile_check",
+        hang="The compile probe",
+        no_result="The probe wrote no result.",
+        harness_use="the compile probe builds the model with (run --tiers without 2)",
+        coded=("hang",),
+    )
+    profile = ["--profile", _active_profile(ctx.target)]
+    return run_probe(ctx, check, probe, functools.partial(_outcome, check), profile)
+
+
+def _outcome(check, record: dict, details: dict):
+    """The probe's rank-0 record as the runner's Outcome."""
+    from pithlint.ladder.tiers import Outcome, crash_outcome
+
     if record.get("status") == "error":
-        crash = diagnose([record], progress, world_size=1)
-        return tiers.Outcome(
-            "failed", crash.message, kind=crash.kind, code=crash.code or check.code, details=details
-        )
+        return crash_outcome(record, details, check.code)
     for key in ("profile", "regions", "breaks", "passes", "dynamic_shape_cost"):
         details[key] = record.get(key)
     passed = record["status"] == "passed"
-    return tiers.Outcome(
+    return Outcome(
         record["status"],
         record["message"],
         kind=record.get("kind"),

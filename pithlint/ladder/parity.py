@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib
 import importlib.util
 import json
@@ -179,6 +180,22 @@ def relative_error(ours, theirs) -> float:
     return ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
 
+def _offline_and_timed(check):
+    """``check`` (PTR030 or PTR031) with the Hugging Face hub offline before transformers is
+    imported (every model here is built from a config: nothing is downloaded), and its wall
+    time in the result's ``seconds``."""
+
+    @functools.wraps(check)
+    def run(*args, **kwargs) -> CheckResult:
+        started = time.monotonic()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        result = check(*args, **kwargs)
+        result.seconds = time.monotonic() - started
+        return result
+
+    return run
+
+
 # ---------------------------------------------------------------------------- PTR030
 
 
@@ -243,10 +260,9 @@ def _first_divergence(ours: dict, theirs: dict):
     return None
 
 
+@_offline_and_timed
 def run_parity(model, model_file=None, seed: int = SEED) -> CheckResult:
     """PTR030 for ``model`` (a model_type, a config path or a config)."""
-    started = time.monotonic()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     convert = _converter()
@@ -298,7 +314,6 @@ def run_parity(model, model_file=None, seed: int = SEED) -> CheckResult:
             f"relative error {error:.2e} >= {PARITY_TOL:g} (fp32; config varied: {varied}); "
             f"{place}"
         )
-    result.seconds = time.monotonic() - started
     return result
 
 
@@ -321,10 +336,9 @@ def _differences(before: dict, after: dict) -> list[tuple[str, str]]:
     return found
 
 
+@_offline_and_timed
 def run_roundtrip(model, converter_file=None, seed: int = SEED) -> CheckResult:
     """PTR031 for ``model`` (a model_type, a config path or a config)."""
-    started = time.monotonic()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     convert = _converter(converter_file)
     read_hf = importlib.import_module(CONVERTER_MODULE).read_hf
     config = load_config(model)
@@ -356,7 +370,6 @@ def run_roundtrip(model, converter_file=None, seed: int = SEED) -> CheckResult:
             f"Face, compared element-wise; {len(experts)} expert tensors among them "
             f"(e.g. {experts[0]})"
         )
-    result.seconds = time.monotonic() - started
     return result
 
 
@@ -370,35 +383,23 @@ def run_tier5(ctx, check):
     this module's command line as a process of its own (the runner never imports torch),
     on CPU in fp32. Returns the runner's ``Outcome``."""
     # Imported here: pithlint/ladder/tiers.py imports this module for its registry.
-    from pithlint.ladder.launch import run_group
-    from pithlint.ladder.tiers import Outcome, log_tail
+    from pithlint.ladder.tiers import Probe, run_probe
 
-    target, result_dir = ctx.target, ctx.result_dir(check)
-    argv = [
-        sys.executable, "-m", "pithlint.ladder.parity", "--model", str(target.config),
-        "--check", check.id, "--result-json", str(result_dir / RESULT_FILE),
-    ]  # fmt: skip
-    if target.model_file is not None:
-        argv += ["--model-file", str(target.model_file)]
-    launch = run_group(
-        lambda _port: argv,
-        cwd=target.root,
-        env=dict(os.environ),
-        result_dir=result_dir,
-        timeout_s=ctx.timeout_s,
-        on_tick=lambda elapsed: ctx.view.tick(elapsed, {}),
-        use_port=False,
+    probe = Probe(
+        "parity",
+        hang="the check exceeded its time limit of {timeout:g} s and was killed",
+        no_result="the check wrote no result; last lines of its log",
+        result_file=RESULT_FILE,
+        coded=("hang",),
     )
-    details = {"log": str(launch.log_path), "returncode": launch.returncode}
-    if launch.timed_out:
-        message = f"the check exceeded its time limit of {ctx.timeout_s:g} s and was killed"
-        return Outcome("failed", message, kind="hang", code=check.code, details=details)
-    try:
-        (result,) = json.loads((result_dir / RESULT_FILE).read_text())
-    except (OSError, ValueError):
-        tail = log_tail(launch.log_path)
-        message = f"the check wrote no result; last lines of its log ({launch.log_path}):\n{tail}"
-        return Outcome("failed", message, kind="missing-results", details=details)
+    return run_probe(ctx, check, probe, _outcome, ["--check", check.id])
+
+
+def _outcome(results: list, details: dict):
+    """The one result of the command line as the runner's Outcome."""
+    from pithlint.ladder.tiers import Outcome
+
+    (result,) = results
     return Outcome(
         "passed" if result["passed"] else "failed",
         result["message"],

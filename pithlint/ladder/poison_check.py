@@ -47,54 +47,24 @@ def run_poison_check(ctx, check):
     own, on CPU in fp32 whatever ``--device`` says (CI's setting; the CPU kernels make the
     two runs comparable bit for bit). Returns the runner's ``Outcome``."""
     # Imported here: pithlint/ladder/tiers.py imports this module for its registry.
-    from pithlint.ladder.diagnosis import diagnose
-    from pithlint.ladder.launch import Placement
-    from pithlint.ladder.tiers import (
-        Outcome,
-        _hang,
-        _harness_lacks,
-        _launch,
-        _launch_details,
-        _read_results,
-        log_tail,
-    )
+    from pithlint.ladder.tiers import Probe, run_probe
 
-    target = ctx.target
-    lacks = _harness_lacks(target.harness)
-    if lacks:
-        return Outcome(
-            "skipped",
-            f"the harness {target.harness} does not define {', '.join(lacks)}, which the "
-            "padding-poison check takes from it",
-        )
-    placement, result_dir = Placement("cpu"), ctx.result_dir(check)
-    argv = [
-        sys.executable, "-m", "pithlint.ladder.poison_check",
-        "--harness", str(target.harness), "--model", str(target.config),
-        "--device", "cpu", "--dtype", "float32", "--result-dir", str(result_dir),
-    ]  # fmt: skip
-    if target.model_file is not None:
-        argv += ["--model-file", str(target.model_file)]
-    launch = _launch(ctx, check, lambda _port: argv, placement, structured=True)
-    records, progress, read_error = _read_results(result_dir)
-    details = _launch_details(launch, placement, result_dir)
-    if launch.timed_out:
-        message, details["ranks"] = _hang(ctx, "The poison check", launch, records, progress, 1)
-        return Outcome("failed", message, kind="hang", details=details)
-    if not records:
-        message = read_error or "The check wrote no result."
-        return Outcome(
-            "failed",
-            f"{message} Last lines of its log ({launch.log_path}):\n{log_tail(launch.log_path)}",
-            kind="missing-results",
-            details=details,
-        )
-    record = records[0]
+    probe = Probe(
+        "poison_check",
+        hang="The poison check",
+        no_result="The check wrote no result.",
+        harness_use="the padding-poison check takes from it",
+        cpu_only=True,
+    )
+    return run_probe(ctx, check, probe, _outcome, ["--dtype", "float32"])
+
+
+def _outcome(record: dict, details: dict):
+    """The probe's rank-0 record as the runner's Outcome."""
+    from pithlint.ladder.tiers import Outcome, crash_outcome
+
     if record.get("status") == "error":
-        verdict = diagnose([record], progress, world_size=1)
-        return Outcome(
-            "failed", verdict.message, kind=verdict.kind, code=verdict.code, details=details
-        )
+        return crash_outcome(record, details)
     for key in ("compared", "nonfinite", "changed"):
         details[key] = record.get(key)
     if record.get("status") == "passed":

@@ -139,13 +139,20 @@ def run(args, harness, reporter, record: dict) -> None:
     record["status"] = "passed" if passed else "failed"
 
 
-def arg_parser(description: str) -> argparse.ArgumentParser:
-    """The command line of a single-process check (this one, ``poison_check``)."""
+def probe_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of every single-process check that builds the harness's model, as the
+    runner passes them (``tiers.run_probe``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--harness", required=True, type=Path)
     parser.add_argument("--model", required=True, help="config path")
     parser.add_argument("--model-file", default=None, help="take the model class from here")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    return parser
+
+
+def arg_parser(description: str) -> argparse.ArgumentParser:
+    """The command line of a single-process check (this one, ``poison_check``)."""
+    parser = probe_parser(description)
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--num-chunks", type=int, default=2)
     parser.add_argument("--micro-batch-size", type=int, default=2)
@@ -154,9 +161,11 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_as_rank0(args, run) -> int:
+def run_as_rank0(args, run, **fields) -> int:
     """Load the harness, call ``run(args, harness, reporter, record)`` and write ``record``
-    as rank 0's result however ``run`` ends (an exception becomes its ``error``)."""
+    as rank 0's result however ``run`` ends (an exception becomes its ``error``). The record
+    starts with the command line's settings and ``fields`` (a check's own, such as tier 2's
+    ``profile``)."""
     started = time.perf_counter()
     harness = load_harness(args.harness.resolve())
     reporter = harness.Reporter(args.result_dir, 0)
@@ -166,6 +175,7 @@ def run_as_rank0(args, run) -> int:
         "world_size": 1,
         "model": args.model,
         "model_file": args.model_file,
+        **fields,
         "device": args.device,
         "status": "error",
         "times": {},

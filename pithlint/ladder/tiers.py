@@ -3,20 +3,22 @@
 ``TIERS`` is the registry the runner walks: a ``Tier`` lists its checks for a run, and a
 ``Check`` runs once per model and returns an ``Outcome``. Tiers 0 (lint), 3 (reference) and
 4 (the rungs) run here; the probes of tiers 1 (build_check.py), 2 (compile_check.py) and 5
-(poison_check.py, parity.py) live in modules of their own, each launching its torch work
-as a separate process. Adding a check is adding its ``Check`` to a ``Tier`` entry; the
-runner, the live view, the table and the reports need nothing else.
+(poison_check.py, parity.py) live in modules of their own. Tier 3 and those probes run
+their torch work as a process of its own, through ``run_probe``. Adding a check is adding
+its ``Check`` to a ``Tier`` entry; the runner, the live view, the table and the reports
+need nothing else.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
 from pithlint.config import load_settings
 from pithlint.ladder.build_check import run_build_check
@@ -165,13 +167,13 @@ def _read_text(path: Path) -> str:
 
 
 def _launch(
-    ctx: CheckContext, check: Check, argv_for_port, placement: Placement, structured: bool
+    ctx: CheckContext, check: Check, argv_for_port, env: dict[str, str], structured: bool
 ) -> Launch:
     result_dir = ctx.result_dir(check)
     return run_group(
         argv_for_port,
         cwd=ctx.target.root,
-        env=rank_env(placement, ctx.options),
+        env=env,
         result_dir=result_dir,
         timeout_s=ctx.timeout_s,
         on_tick=lambda elapsed: ctx.view.tick(elapsed, _tick_progress(result_dir, structured)),
@@ -235,6 +237,141 @@ def _worst_of(records: list[dict]) -> tuple[Optional[float], Optional[str]]:
     return worst
 
 
+# ---------------------------------------------------------------------------- single-process checks
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A check that runs as one process of its own (tiers 1, 2, 3 and 5): the module it
+    runs and its own words for what can go wrong; ``run_probe`` does the rest."""
+
+    module: str  # run as ``python -m pithlint.ladder.<module>``
+    # Killed at the time limit: what ``_hang`` calls the check (rank files), or the whole
+    # message, with ``{timeout}`` (a result file).
+    hang: str
+    # No result: how the message opens; the log's last lines follow.
+    no_result: str
+    # Ends "the harness H does not define X, which ...": what the check does with
+    # ``harness_api``. None: it takes nothing from the harness and runs on the CPU in the
+    # runner's environment (no GPU to choose, no rank settings).
+    harness_use: Optional[str] = None
+    harness_api: tuple[str, ...] = REFERENCE_HARNESS_API
+    cpu_only: bool = False  # on the CPU whatever --device says
+    # Its result: this JSON file in its result folder (``--result-json``); None: rank files
+    # like a harness rank's (``--result-dir``).
+    result_file: Optional[str] = None
+    coded: tuple[str, ...] = ()  # the failure kinds ("hang", "missing-results") with its code
+
+
+# The outcome detail that names a probe's result file.
+RESULT_FILE_DETAIL = "probe_result"
+
+
+def _harness_lacks(harness: Path) -> list[str]:
+    text = _read_text(harness)
+    return [
+        name
+        for name in REFERENCE_HARNESS_API
+        if not re.search(rf"^(?:def|class) {name}\b|^{name}\s*=", text, re.M)
+    ]
+
+
+def run_probe(
+    ctx: CheckContext,
+    check: Check,
+    probe: Probe,
+    to_outcome: Callable[[object, dict], Outcome],
+    args: Sequence[str] = (),
+) -> Outcome:
+    """Run ``check`` as ``python -m pithlint.ladder.<probe.module>`` with ``args`` after
+    the arguments every probe takes, and make its result (the rank-0 record, or the parsed
+    result file) the outcome with ``to_outcome(result, details)``. Skipped without the
+    harness API it needs or a device; killed at the time limit, a "hang"; gone without a
+    result, "missing-results" with the last lines of its log."""
+    target = ctx.target
+    placement, env = None, dict(os.environ)
+    if probe.harness_use is not None:
+        lacks = [name for name in _harness_lacks(target.harness) if name in probe.harness_api]
+        if lacks:
+            return Outcome(
+                "skipped",
+                f"the harness {target.harness} does not define {', '.join(lacks)}, which "
+                f"{probe.harness_use}",
+            )
+        placement = place("cpu" if probe.cpu_only else ctx.options.device, 1)
+        if placement.skip_reason:
+            return Outcome("skipped", placement.skip_reason)
+        env = rank_env(placement, ctx.options)
+        args = ["--harness", str(target.harness), "--device", placement.device, *args]
+    result_dir = ctx.result_dir(check)
+    result_path = result_dir / probe.result_file if probe.result_file else result_dir
+    argv = [
+        sys.executable, "-m", f"pithlint.ladder.{probe.module}", "--model", str(target.config),
+        *args, "--result-json" if probe.result_file else "--result-dir", str(result_path),
+    ]  # fmt: skip
+    if target.model_file is not None:
+        argv += ["--model-file", str(target.model_file)]
+    launch = _launch(ctx, check, lambda _port: argv, env, structured=True)
+    if probe.result_file:
+        return _file_outcome(ctx, check, probe, launch, result_path, to_outcome)
+    return _record_outcome(ctx, check, probe, launch, placement, to_outcome)
+
+
+def _record_outcome(ctx, check, probe, launch, placement, to_outcome) -> Outcome:
+    """A probe that writes rank files: the outcome from its rank-0 record."""
+    result_dir = ctx.result_dir(check)
+    records, progress, read_error = _read_results(result_dir)
+    details = _launch_details(launch, placement, result_dir)
+    if launch.timed_out:
+        message, details["ranks"] = _hang(ctx, probe.hang, launch, records, progress, 1)
+        return _probe_failed(check, probe, "hang", message, details)
+    if not records:
+        message = read_error or probe.no_result
+        tail = log_tail(launch.log_path)
+        message += f" Last lines of its log ({launch.log_path}):\n{tail}"
+        return _probe_failed(check, probe, "missing-results", message, details)
+    return to_outcome(records[0], details)
+
+
+def _file_outcome(ctx, check, probe, launch, result: Path, to_outcome) -> Outcome:
+    """A probe that writes a result file: the outcome from that file."""
+    details = {
+        "log": str(launch.log_path),
+        "returncode": launch.returncode,
+        RESULT_FILE_DETAIL: str(result),
+    }
+    if launch.timed_out:
+        message = probe.hang.format(timeout=ctx.timeout_s)
+        return _probe_failed(check, probe, "hang", message, details)
+    tail = log_tail(launch.log_path)
+    failure = f"{probe.no_result} ({launch.log_path}):\n{tail}"
+    return result_file_outcome(check, probe, result, details, failure, to_outcome)
+
+
+def result_file_outcome(check, probe, result: Path, details, failure: str, to_outcome) -> Outcome:
+    """``to_outcome`` of the result file ``result``, or a "missing-results" outcome with
+    ``failure`` as its message when the process wrote none (it died or was killed)."""
+    try:
+        parsed = json.loads(result.read_text())
+    except (OSError, ValueError):
+        return _probe_failed(check, probe, "missing-results", failure, details)
+    return to_outcome(parsed, details)
+
+
+def crash_outcome(record: dict, details: dict, code: Optional[str] = None) -> Outcome:
+    """A probe's record of an exception (status "error") as a failed outcome: the crash
+    diagnosis, under its rule's code or else ``code``."""
+    verdict = diagnose([record], world_size=1)
+    return Outcome(
+        "failed", verdict.message, kind=verdict.kind, code=verdict.code or code, details=details
+    )
+
+
+def _probe_failed(check: Check, probe: Probe, kind: str, message: str, details: dict) -> Outcome:
+    code = check.code if kind in probe.coded else None
+    return Outcome("failed", message, kind=kind, code=code, details=details)
+
+
 # ---------------------------------------------------------------------------- tier 0
 
 
@@ -278,56 +415,22 @@ def run_lint(ctx: CheckContext, check: Check) -> Outcome:
 # ---------------------------------------------------------------------------- tier 3
 
 
-def _harness_lacks(harness: Path) -> list[str]:
-    text = _read_text(harness)
-    return [
-        name
-        for name in REFERENCE_HARNESS_API
-        if not re.search(rf"^(?:def|class) {name}\b|^{name}\s*=", text, re.M)
-    ]
+REFERENCE_PROBE = Probe(
+    "reference_check",
+    hang="The single-process check",
+    no_result="The check wrote no result.",
+    harness_use="the single-process check takes from it (run --tiers without 3)",
+)
 
 
 def run_reference(ctx: CheckContext, check: Check) -> Outcome:
     """Tier 3 (PTR010): reference vs 5-stage in one process (reference_check.py)."""
-    target = ctx.target
-    lacks = _harness_lacks(target.harness)
-    if lacks:
-        return Outcome(
-            "skipped",
-            f"the harness {target.harness} does not define {', '.join(lacks)}, which the "
-            "single-process check takes from it (run --tiers without 3)",
-        )
-    placement = place(ctx.options.device, 1)
-    if placement.skip_reason:
-        return Outcome("skipped", placement.skip_reason)
-    result_dir = ctx.result_dir(check)
-    argv = [
-        sys.executable, "-m", "pithlint.ladder.reference_check",
-        "--harness", str(target.harness), "--model", str(target.config),
-        "--device", placement.device, "--result-dir", str(result_dir),
-    ]  # fmt: skip
-    if target.model_file is not None:
-        argv += ["--model-file", str(target.model_file)]
-    launch = _launch(ctx, check, lambda _port: argv, placement, structured=True)
-    records, progress, read_error = _read_results(result_dir)
-    details = _launch_details(launch, placement, result_dir)
-    if launch.timed_out:
-        what = "The single-process check"
-        message, details["ranks"] = _hang(ctx, what, launch, records, progress, 1)
-        return Outcome("failed", message, kind="hang", details=details)
-    if not records:
-        message = read_error or "The check wrote no result."
-        return Outcome(
-            "failed",
-            f"{message} Last lines of its log ({launch.log_path}):\n{log_tail(launch.log_path)}",
-            kind="missing-results",
-            details=details,
-        )
-    record = records[0]
+    return run_probe(ctx, check, REFERENCE_PROBE, _reference_outcome)
+
+
+def _reference_outcome(record: dict, details: dict) -> Outcome:
     logits_diff = to_float(record.get("logits_diff"))
-    outcome = Outcome(
-        "passed", worst_diff=logits_diff, worst_param="logits", details=details
-    )
+    outcome = Outcome("passed", worst_diff=logits_diff, worst_param="logits", details=details)
     if record.get("status") == "passed":
         outcome.message = (
             "Losses and logits of the 5-stage path match reference_forward; gradients are finite."
@@ -335,7 +438,7 @@ def run_reference(ctx: CheckContext, check: Check) -> Outcome:
         return outcome
     outcome.status = "failed"
     if record.get("status") == "error" or record.get("loss_ok") is False:
-        verdict = diagnose([record], progress, world_size=1)
+        verdict = diagnose([record], world_size=1)
         outcome.kind, outcome.message = verdict.kind, verdict.message
         outcome.code = verdict.code or "PTR010"
     elif not record.get("logits_ok"):
@@ -409,7 +512,7 @@ def run_rung(ctx: CheckContext, check: Check) -> Outcome:
         ctx,
         check,
         lambda port: target.rung_argv({**values, "port": port}),
-        placement,
+        rank_env(placement, ctx.options),
         structured=target.structured,
     )
     details = _launch_details(launch, placement, result_dir)
@@ -475,16 +578,12 @@ def _apply_verdict(
 # ---------------------------------------------------------------------------- registry
 
 LINT = Check(0, "lint", None, "static lint of the model file and its wiring", run_lint)
-BUILD = Check(
-    1, "build", "PTR001", "every stage of pp=1 and pp=2 builds on meta", run_build_check
-)
+BUILD = Check(1, "build", "PTR001", "every stage of pp=1 and pp=2 builds on meta", run_build_check)
 INIT = Check(
     1, "init", "PTR002", "weight init reaches every parameter; MoE output non-zero",
     run_build_check,
 )  # fmt: skip
-GROUPS = Check(
-    1, "groups", "PTR040", "an unimplemented process group is rejected", run_build_check
-)
+GROUPS = Check(1, "groups", "PTR040", "an unimplemented process group is rejected", run_build_check)
 COMPILE = Check(
     2, "compile", "PTR003", "hot regions: no graph break, no recompile", run_compile_check
 )

@@ -194,7 +194,7 @@ def test_zero_built_experts_that_fill_weights_misses_are_found(harness):
 def test_harness_without_the_api_skips_tier1(tmp_path):
     harness = tmp_path / "harness.py"
     harness.write_text("def load_model_class(config, model_file):\n    pass\n")
-    ctx = SimpleNamespace(target=SimpleNamespace(harness=harness))
+    ctx = SimpleNamespace(target=SimpleNamespace(harness=harness), done=[])
     outcome = build_check.run_build_check(ctx, None)
     assert outcome.status == "skipped"
     assert "does not define fill_weights" in outcome.message
