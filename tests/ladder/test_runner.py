@@ -55,6 +55,20 @@ def checks_of(report: dict) -> dict:
     return {c["check"]: c for c in model["checks"]}
 
 
+def run_group_in(tmp_path: Path, argv_for_port, timeout_s: float, use_port: bool = False):
+    """``launch.run_group`` on a command of a test: in ``tmp_path`` (its log in ``out/``),
+    in this environment, with no live view."""
+    return launch.run_group(
+        argv_for_port,
+        cwd=tmp_path,
+        env=dict(os.environ),
+        result_dir=tmp_path / "out",
+        timeout_s=timeout_s,
+        on_tick=lambda elapsed: None,
+        use_port=use_port,
+    )
+
+
 def listening(port: int) -> bool:
     """Whether any socket listens on ``port`` (IPv4 or IPv6), from /proc/net."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -272,16 +286,13 @@ def test_port_taken_after_the_probe_is_retried_on_a_fresh_port(tmp_path, monkeyp
         taken_port = taken.getsockname()[1]
         ports = iter([taken_port, launch.free_port()])
         monkeypatch.setattr(launch, "free_port", lambda: next(ports))
-        result = launch.run_group(
+        result = run_group_in(
+            tmp_path,
             lambda port: [
                 sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
                 "--master-addr=127.0.0.1", f"--master-port={port}", str(script),
             ],  # fmt: skip
-            cwd=tmp_path,
-            env=dict(os.environ),
-            result_dir=tmp_path / "out",
             timeout_s=120,
-            on_tick=lambda elapsed: None,
             use_port=True,
         )
     assert (result.returncode, result.attempts) == (0, 2)
@@ -294,15 +305,7 @@ def test_time_limit_kills_the_whole_group_even_when_sigterm_is_ignored(tmp_path,
     monkeypatch.setattr(launch, "KILL_GRACE_S", 1.0)
     stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
     script = f"{sys.executable} -c '{stubborn}' & {sys.executable} -c '{stubborn}'; wait"
-    result = launch.run_group(
-        lambda port: ["sh", "-c", script],
-        cwd=tmp_path,
-        env=dict(os.environ),
-        result_dir=tmp_path / "out",
-        timeout_s=2,
-        on_tick=lambda elapsed: None,
-        use_port=False,
-    )
+    result = run_group_in(tmp_path, lambda port: ["sh", "-c", script], timeout_s=2)
     assert result.timed_out and result.returncode is None and result.left_behind == []
     assert result.elapsed_s < 10
     assert processes_mentioning(stubborn) == []

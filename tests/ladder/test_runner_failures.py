@@ -17,7 +17,14 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from test_runner import FIXTURES, checks_of, listening, processes_mentioning, run_ladder
+from test_runner import (
+    FIXTURES,
+    checks_of,
+    listening,
+    processes_mentioning,
+    run_group_in,
+    run_ladder,
+)
 
 from pithlint.ladder import launch
 from pithlint.ladder.diagnosis import diagnose, load_results
@@ -188,15 +195,8 @@ LEADER = (
 def test_a_child_in_a_session_of_its_own_is_ended_too(tmp_path, monkeypatch, leader_s, timed_out):
     monkeypatch.setattr(launch, "KILL_GRACE_S", 1.0)
     stubborn = STUBBORN.format(tmp_path)
-    result = launch.run_group(
-        lambda port: [sys.executable, "-c", LEADER, stubborn, str(leader_s)],
-        cwd=tmp_path,
-        env=dict(os.environ),
-        result_dir=tmp_path / "out",
-        timeout_s=4,
-        on_tick=lambda elapsed: None,
-        use_port=False,
-    )
+    leader = [sys.executable, "-c", LEADER, stubborn, str(leader_s)]
+    result = run_group_in(tmp_path, lambda port: leader, timeout_s=4)
     assert (result.timed_out, result.returncode) == (timed_out, None if timed_out else 0)
     assert result.left_behind == [] and processes_mentioning(stubborn) == []
 
@@ -207,23 +207,20 @@ torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 tests/test_fsdp.py FAILED
 ------------------------------------------------------------
 Failures:
-[1]:
-  time      : 2026-01-01_00:00:01
-  host      : localhost
-  rank      : {other} (local_rank: {other})
-  exitcode  : {other_code} (pid: 4243)
-  error_file: <N/A>
-  traceback : {other_traceback}
-------------------------------------------------------------
+{other}------------------------------------------------------------
 Root Cause (first observed failure):
-[0]:
-  time      : 2026-01-01_00:00:00
+{root}============================================================
+"""
+
+# One failed rank in the summary: [0] is the root cause, [1] the other failure.
+TORCHRUN_FAILURE = """\
+[{index}]:
+  time      : 2026-01-01_00:00:0{index}
   host      : localhost
-  rank      : {root} (local_rank: {root})
-  exitcode  : {root_code} (pid: 4242)
+  rank      : {rank} (local_rank: {rank})
+  exitcode  : {code} (pid: {pid})
   error_file: <N/A>
-  traceback : {root_traceback}
-============================================================
+  traceback : {traceback}
 """
 
 FAULT_STACK = """\
@@ -246,14 +243,17 @@ PEER_LOST = {
 }
 
 
-def _summary(root, root_code, other, other_code):
-    def traceback(code):
-        return f"Signal {-code} received by PID" if code < 0 else "To enable traceback see: ..."
+def _failure(index, rank, code):
+    traceback = f"Signal {-code} received by PID" if code < 0 else "To enable traceback see: ..."
+    return TORCHRUN_FAILURE.format(
+        index=index, rank=rank, code=code, pid=4242 + index, traceback=traceback
+    )
 
+
+def _summary(root, root_code, other, other_code):
     return TORCHRUN_SUMMARY.format(
-        root=root, root_code=root_code, root_traceback=traceback(root_code),
-        other=other, other_code=other_code, other_traceback=traceback(other_code),
-    )  # fmt: skip
+        root=_failure(0, root, root_code), other=_failure(1, other, other_code)
+    )
 
 
 def _diagnose_dir(tmp_path, log: str, records=(), progress=None):

@@ -32,12 +32,18 @@ def marked_line(fixture: str, marker: str) -> int:
     return line
 
 
-def run_fixture(tmp_path, fixture: str):
-    """Tier 2 of the runner on qwen3_moe with the model class taken from ``fixture``."""
+def compile_failure(tmp_path, fixture: str, kind: str) -> tuple[dict, str]:
+    """Tier 2 of the runner on qwen3_moe with the model class taken from ``fixture``, which
+    must fail PTR003 with ``kind``: (the check in the JSON report, the runner's output)."""
     model_file = str(FIXTURES / fixture)
-    return run_ladder(
+    code, output, report = run_ladder(
         tmp_path, "qwen3_moe", "--device", "cpu", "--tiers", "2", "--model-file", model_file
     )
+    assert code == 1, output
+    check = checks_of(report)["compile"]
+    assert (check["status"], check["kind"]) == ("failed", kind), check["message"]
+    assert check["diagnosis_code"] == "PTR003"
+    return check, output
 
 
 def test_embedded_models_pass_and_report_the_dynamic_shape_cost(tmp_path):
@@ -71,11 +77,7 @@ def test_embedded_models_pass_and_report_the_dynamic_shape_cost(tmp_path):
 
 def test_graph_breaks_are_each_reported_with_region_line_and_reason(tmp_path):
     fixture = "graph_break_host_sync.py"
-    code, output, report = run_fixture(tmp_path, fixture)
-    assert code == 1, output
-    check = checks_of(report)["compile"]
-    assert (check["status"], check["kind"]) == ("failed", "graph-break")
-    assert check["diagnosis_code"] == "PTR003"
+    check, output = compile_failure(tmp_path, fixture, "graph-break")
     breaks = {b["region"]: b for b in check["breaks"]}
     stage1, stage5 = (
         "HostSyncDecoderLayer._forward_attn_compute",
@@ -100,12 +102,7 @@ def test_graph_breaks_are_each_reported_with_region_line_and_reason(tmp_path):
 
 
 def test_a_recompile_on_a_repeated_shape_fails_with_the_guard(tmp_path):
-    fixture = "recompile_call_counter.py"
-    code, output, report = run_fixture(tmp_path, fixture)
-    assert code == 1, output
-    check = checks_of(report)["compile"]
-    assert (check["status"], check["kind"]) == ("failed", "recompile")
-    assert check["diagnosis_code"] == "PTR003"
+    check, output = compile_failure(tmp_path, "recompile_call_counter.py", "recompile")
     assert check["breaks"] == []
     _, repeat, _ = check["passes"]
     (recompile,) = repeat["compiles"]
