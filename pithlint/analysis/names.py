@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import libcst as cst
 
+from pithlint.analysis.pyast import expand_aliases
 from pithlint.analysis.walk import walk
 
 
@@ -70,13 +71,7 @@ class ImportTable:
         that no import binds resolves to itself (a builtin or a local).
         """
         name = dotted_name(node)
-        if name is None:
-            return None
-        head, _, rest = name.partition(".")
-        target = self.aliases.get(head)
-        if target is None:
-            return name
-        return f"{target}.{rest}" if rest else target
+        return None if name is None else expand_aliases(name, self.aliases)
 
     def imports_from(self, module_name: str) -> set[str]:
         """Local names bound by ``from module_name import ...``."""

@@ -231,13 +231,18 @@ class ImportTable:
     def resolve(self, node: ast.AST) -> str | None:
         """The dotted name ``node`` refers to, expanded through imports."""
         name = dotted_name(node)
-        if name is None:
-            return None
-        head, _, rest = name.partition(".")
-        target = self.aliases.get(head)
-        if target is None:
-            return name
-        return f"{target}.{rest}" if rest else target
+        return None if name is None else expand_aliases(name, self.aliases)
+
+
+def expand_aliases(name: str, aliases: dict[str, str]) -> str:
+    """``name`` with its first part replaced by what an import bound it to (``c.x`` after
+    ``from torch import compile as c`` is ``torch.compile.x``); unbound names stay as they are.
+    Shared by this module's and pithlint.analysis.names' import tables."""
+    head, _, rest = name.partition(".")
+    target = aliases.get(head)
+    if target is None:
+        return name
+    return f"{target}.{rest}" if rest else target
 
 
 # -- classes ----------------------------------------------------------------------------------
