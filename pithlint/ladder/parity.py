@@ -119,10 +119,17 @@ def load_config(model):
 
 
 def vary(config) -> dict:
-    """Set every knob of ``VARIED`` that ``config`` has; returns those that changed."""
+    """Set every knob of ``VARIED`` that ``config`` has and the installed transformers
+    declares; returns those that changed."""
     changed = {}
     rope = getattr(config, "rope_parameters", None) or {}
+    # A config file may carry a knob its transformers version does not know (gpt_oss's
+    # swiglu_alpha before transformers made it configurable): AutoConfig keeps it as a bare
+    # attribute that HF's model never reads, so varying it would fail every correct model.
+    declared = type(config)().to_dict()
     for knob, value in VARIED.items():
+        if knob not in rope and knob not in declared:
+            continue
         # An absent knob reads as its target value: nothing to change.
         if rope.get(knob, getattr(config, knob, value)) == value:
             continue

@@ -61,6 +61,23 @@ def test_vary_moves_the_knobs_the_config_has():
     assert "norm_topk_prob" not in parity.vary(parity.load_config("deepseek_v2"))
 
 
+def test_vary_leaves_a_knob_the_installed_transformers_does_not_declare():
+    """transformers 5.17's GptOssConfig has no swiglu_alpha (its experts hard-code 1.702),
+    yet the example config carries one: varying it failed the correct gpt_oss model on a
+    GPU machine with that version. Simulated here with a config class that lacks the knob."""
+    config = parity.load_config("gpt_oss")
+    declared = type(config)
+
+    class WithoutSwigluAlpha(declared):
+        def to_dict(self):
+            return {k: v for k, v in super().to_dict().items() if k != "swiglu_alpha"}
+
+    config.__class__ = WithoutSwigluAlpha
+    changed = parity.vary(config)
+    assert "swiglu_alpha" not in changed and config.swiglu_alpha == 1.702
+    assert changed["swiglu_limit"] == parity.VARIED["swiglu_limit"]
+
+
 def test_command_line_writes_results_and_exits_nonzero_on_failure(tmp_path, capsys):
     out = tmp_path / "results.json"
     argv = ["--model", "gpt_oss", "--check", "roundtrip", "--result-json", str(out)]
