@@ -135,6 +135,22 @@ def rank_env(placement: Placement, options: Options) -> dict[str, str]:
     return env
 
 
+# Tier 4 on CPU compiles the hot regions with aot_eager: dynamo and AOTAutograd still trace
+# them (graph breaks, recompiles, functionalisation all happen), but inductor's C++ codegen,
+# most of a CPU rung's compile time, is skipped. The rungs compare the pipeline with a
+# reference compiled the same way, so the backend cannot move the result; inductor's own
+# numerics are tier 3's check, which keeps it. torch >= 2.11 reads this variable (older torch
+# ignores it and compiles with inductor); a value set by the user wins.
+CPU_RUNG_BACKEND = ">=0:aot_eager"
+
+
+def rung_env(placement: Placement, options: Options) -> dict[str, str]:
+    env = rank_env(placement, options)
+    if placement.device == "cpu":
+        env.setdefault("TORCH_COMPILE_OVERRIDE_BACKENDS", CPU_RUNG_BACKEND)
+    return env
+
+
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(_read_text(path).rstrip().splitlines()[-lines:])
 
@@ -508,14 +524,16 @@ def run_rung(ctx: CheckContext, check: Check) -> Outcome:
         "result_dir": result_dir,
         "collective_timeout": int(ctx.timeout_s) + 60,
     }
+    env = rung_env(placement, ctx.options)
     launch = _launch(
         ctx,
         check,
         lambda port: target.rung_argv({**values, "port": port}),
-        rank_env(placement, ctx.options),
+        env,
         structured=target.structured,
     )
     details = _launch_details(launch, placement, result_dir)
+    details["compile_backend_override"] = env.get("TORCH_COMPILE_OVERRIDE_BACKENDS")
     if target.structured:
         records, progress, read_error = _read_results(result_dir)
     else:
