@@ -80,16 +80,19 @@ def excessive_nesting(source: str) -> tuple[int, int] | None:
     """
     if len(source) < _CHECK_FROM_BYTES and max(map(len, source.splitlines()), default=0) < _LONG_LINE:
         return None
+    from pithlint.analysis import pyast  # the lint's first reader of the tree; not needed before
+
     try:
-        tree = ast.parse(source)
+        tree = pyast.parse(source)
     except (RecursionError, MemoryError):
         return (MAX_DEPTH + 1, 1)
     except (SyntaxError, ValueError):
         return None  # libcst reports it with its location
-    stack = [(tree, 0)]
-    while stack:
-        node, depth = stack.pop()
+    # Level by level: the nodes at depth d+1 are the children of those at depth d.
+    level, depth = [tree], 0
+    while level:
         if depth > MAX_DEPTH:
-            return depth, getattr(node, "lineno", 1)
-        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+            return depth, next((n.lineno for n in level if hasattr(n, "lineno")), 1)
+        level = [child for node in level for child in ast.iter_child_nodes(node)]
+        depth += 1
     return None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
-import subprocess
 from pathlib import Path, PurePosixPath
 
 
@@ -28,6 +27,8 @@ def _is_excluded(relative: str, patterns: list[str]) -> bool:
 
 def _git_listed(folder: Path) -> list[Path] | None:
     """Python files git would track under ``folder`` (honours every .gitignore), or None."""
+    import subprocess  # only folders need it: a pre-commit run names its files
+
     try:
         result = subprocess.run(
             ["git", "-C", str(folder), "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", "*.py"],

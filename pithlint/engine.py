@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import ast
 import fnmatch
-import gc
 import io
 import os
 import re
 import tokenize
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pithlint import registry
+from pithlint.collector import collector_paused
 from pithlint.config import Settings, find_project_root
 from pithlint.deep_stack import MAX_DEPTH, call_with_deep_stack, excessive_nesting
 from pithlint.profiles import PROFILES, Detection, Profile, detect_profile, with_project_paths
@@ -427,22 +425,6 @@ def decode_source(data: bytes) -> tuple[str, str, tuple[str, int, int] | None]:
 def _stray_node(path: str, rule) -> Finding:
     message = f"internal error in rule {rule.code} ({rule.name}): it reported a node that is not in the file it names; please report it"
     return Finding(*INTERNAL_ERROR, path, 1, 1, 1, 1, message)
-
-
-@contextmanager
-def collector_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while one file is linted. Parsing builds
-    about a hundred thousand objects (and importing libcst, on the first file, as many), and
-    the collector's passes over them cost a tenth of the lint: they find nothing, since a
-    tree holds no reference cycles. The few cycles a lint leaves are collected after it."""
-    if not gc.isenabled():  # nested, or paused by the caller
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _file_error(path: str, message: str, line: int = 1, column: int = 1) -> Finding:

@@ -53,6 +53,7 @@ from importlib.machinery import PathFinder
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from pithlint.analysis import pyast
 from pithlint.analysis.pyast import (
     FUNCTIONS,
     PLAIN_BASES,
@@ -373,7 +374,7 @@ def parse_facts_source(data: bytes | str) -> tuple[ast.Module, Source]:
     if isinstance(data, bytes):
         encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
         data = data.decode(encoding)
-    return ast.parse(data), Source(data)
+    return pyast.parse(data), Source(data)
 
 
 # -- the installed transformers ---------------------------------------------------------------

@@ -604,7 +604,7 @@ class Project:
         try:
             with tokenize.open(path) as handle:  # honours a PEP 263 coding cookie
                 source = handle.read()
-            module = ast.parse(source)
+            module = pyast.parse(source)
         except (OSError, SyntaxError, ValueError, RecursionError, MemoryError) as exc:  # ValueError: null bytes, decoding
             self.notice(f"cross-file rules cannot read {path.relative_to(self.root).as_posix()}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return None

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING
 
+from pithlint.collector import collector_paused
+
 if TYPE_CHECKING:
     from pithlint.rule import Rule
 
@@ -21,7 +23,8 @@ class SelectionError(Exception):
 
 @cache
 def all_rules() -> tuple[type[Rule], ...]:
-    from pithlint.rules import RULES
+    with collector_paused():
+        from pithlint.rules import RULES
 
     return tuple(sorted(RULES, key=lambda r: r.code))
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import urllib.parse
-import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
@@ -191,6 +190,8 @@ def _xml_text(text: str) -> str:
 def format_junit(findings: list[Finding], files: list[str]) -> str:
     """One test case per linted file (``files`` as displayed), a ``failure`` per finding
     (an ``error`` when the file could not be linted)."""
+    import xml.etree.ElementTree as ET  # for this format only
+
     by_path: dict[str, list[Finding]] = {}
     for f in findings:
         by_path.setdefault(f.path, []).append(f)

@@ -125,3 +125,26 @@ def test_simple_strings_and_one_line_suites():
     assert [text.is_simple_string(a) for a in args] == [True, False, False, False]
     assert [text.one_line_suite(c.body) for c in tree.body[1:]] == [True, False]
     assert text.simple_strings(tree.body[0]) == ["a", "b", "c"]
+
+
+def test_cpython_parses_the_linted_model_file_once(monkeypatch):
+    """The depth check, the project index and the Hugging Face comparison all read the linted
+    file with CPython's parser; pyast.parse hands them one tree (a parse is ~3 ms a file)."""
+    from pithlint.config import load_settings
+    from pithlint.engine import LintRun
+
+    repo = Path(__file__).resolve().parents[1]
+    model = repo / "pithtrain" / "models" / "deepseek_v2.py"
+    text = model.read_text(encoding="utf-8")
+    assert len(text) > 16_000  # large enough for the depth check to parse it
+    parsed = []
+    real_parse = ast.parse
+
+    def counting_parse(source, *args, **kwargs):
+        parsed.append(source)
+        return real_parse(source, *args, **kwargs)
+
+    monkeypatch.setattr(ast, "parse", counting_parse)
+    pyast.parse.cache_clear()
+    LintRun.create(load_settings(None, repo), select=["ALL"]).lint_file(model)
+    assert parsed.count(text) == 1

@@ -25,12 +25,21 @@ import re
 import tokenize
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 # Bases that provide no attributes or methods of the protocol.
 PLAIN_BASES = frozenset({"nn.Module", "torch.nn.Module", "Module", "object"})
 
 FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+
+
+@lru_cache(maxsize=4)
+def parse(text: str) -> ast.Module:
+    """CPython's tree of ``text``, parsed once for all its readers: the linted file is read
+    by the depth check (pithlint.deep_stack), the project index and the Hugging Face
+    comparison. Readers must not modify the tree. Errors propagate (and are not cached)."""
+    return ast.parse(text)
 
 
 def _start(node: ast.AST) -> tuple[int, int]:
