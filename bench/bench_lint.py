@@ -18,6 +18,17 @@ each as the median of --runs runs after one unmeasured warm-up run, with min and
 - with --ladder, ``pithlint --run-ladder --device cpu`` on one embedded model (run the
   script from the repository root).
 
+Time pithlint as pre-commit runs it, with --python pointing at a fresh virtual environment
+that holds a regular (not editable) install and transformers (which the Hugging Face rules
+read), the way the anchors below sit in environments of their own::
+
+    python -m venv /tmp/pl && /tmp/pl/bin/pip install . transformers
+    python bench/bench_lint.py /tmp/pith-train --python /tmp/pl/bin/python
+
+An editable install in a shared environment starts slower (its import hook, other packages'
+.pth files): about 20 ms a run on the machine of the README's table. The first line of the
+output says which install was timed.
+
 Fixit, TorchFix, pylint and ruff run on the same paths when they are on PATH (this script
 installs nothing); they have no result cache except ruff, which runs with --no-cache cold.
 "Cold" means an empty result cache, Hugging Face facts included (pithlint/hf.py; a scenario
@@ -41,7 +52,19 @@ import tempfile
 import time
 from pathlib import Path
 
+# The pithlint timed: this interpreter's, or --python's (set in main).
 PITHLINT = [sys.executable, "-m", "pithlint"]
+
+# What the timed interpreter has installed: an editable install adds an import hook to every
+# start-up, and without transformers the Hugging Face rules are skipped (fewer rules timed).
+INSTALL_PROBE = """
+import importlib.metadata as md, importlib.util as iu, json
+dist = md.distribution("pithlint")
+url = json.loads(dist.read_text("direct_url.json") or "{}")
+editable = url.get("dir_info", {}).get("editable", False)
+print(f"pithlint {dist.version} ({'editable' if editable else 'regular'} install), "
+      f"transformers {'found' if iu.find_spec('transformers') else 'MISSING: HF rules skipped'}")
+"""
 
 # The comparison tools, each followed by a file or folder; default rules.
 ANCHORS = {
@@ -123,7 +146,14 @@ def main() -> None:
     parser.add_argument("--ladder", action="store_true", help="also time pithlint --run-ladder on CPU (minutes)")
     parser.add_argument("--ladder-model", default="qwen3_moe")
     parser.add_argument("--no-anchors", action="store_true", help="time pithlint only")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the interpreter whose pithlint is timed: best a fresh venv with `pip install .` "
+        "and transformers, as pre-commit installs the hook (default: this one)",
+    )
     args = parser.parse_args()
+    PITHLINT[0] = args.python
 
     work = Path(tempfile.mkdtemp(prefix="pithlint-bench-"))
     ENV["XDG_CACHE_HOME"] = str(work / "user-cache")  # fresh: see the module doc string
@@ -134,6 +164,10 @@ def main() -> None:
         shutil.copytree(corpus, big)
         files = multiply(big, args.folder, 10)
         print(f"machine: {machine()}")
+        # From the work folder, as the timed runs start from the corpus: a checkout's own
+        # pithlint.egg-info in the current folder would answer for the installed one.
+        install = subprocess.run([args.python, "-c", INSTALL_PROBE], cwd=work, capture_output=True, text=True)
+        print(f"timed: {args.python}: {install.stdout.strip() or install.stderr.strip()}")
         print(f"corpus: {args.corpus} ({len(list((corpus / args.folder).rglob('*.py')))} files in {args.folder}/; 10x: {files} files)")
         print(f"runs: median of {args.runs} after one warm-up; wall seconds (min-max), cpu seconds\n")
 
