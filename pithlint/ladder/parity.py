@@ -9,7 +9,10 @@ PTR030
     there into the framework's model (one stage, the ``reference_forward`` path). Its logits
     must match transformers' in fp32 to a relative error (``max |ours - theirs| / max
     |theirs|``) below 1e-4. The config is first moved off the tiny config's values on every
-    knob of ``VARIED`` it has, so a model that hard-codes one of them cannot pass. On a
+    knob of ``VARIED`` it has, so a model that hard-codes one of them cannot pass. A key the
+    config sets but the installed transformers ignores (its logits do not change without it:
+    transformers 5.17's gpt_oss hard-codes the clamp the tiny config's swiglu_limit sets) is
+    removed before the framework's model is built, and the message names it. On a
     mismatch, the embedding, every decoder layer and its parts (norms, attention, MLP) and
     the final norm of both models are compared in the order transformers ran them, and the
     first that differs is named.
@@ -118,15 +121,20 @@ def load_config(model):
     return AutoConfig.from_pretrained(path)
 
 
+def declared_keys(config) -> set:
+    """The keys that ``config``'s class declares in the installed transformers (those of its
+    default instance). A config file may carry others (gpt_oss's swiglu_alpha before
+    transformers made it configurable): AutoConfig keeps them as bare attributes."""
+    return set(type(config)().to_dict())
+
+
 def vary(config) -> dict:
     """Set every knob of ``VARIED`` that ``config`` has and the installed transformers
     declares; returns those that changed."""
     changed = {}
     rope = getattr(config, "rope_parameters", None) or {}
-    # A config file may carry a knob its transformers version does not know (gpt_oss's
-    # swiglu_alpha before transformers made it configurable): AutoConfig keeps it as a bare
-    # attribute that HF's model never reads, so varying it would fail every correct model.
-    declared = type(config)().to_dict()
+    # Varying a bare attribute that HF's model never reads would fail every correct model.
+    declared = declared_keys(config)
     for knob, value in VARIED.items():
         if knob not in rope and knob not in declared:
             continue
@@ -179,6 +187,14 @@ def hf_model(config, seed: int = SEED):
             noise = torch.randn(param.shape, generator=generator)
             param.copy_(1 + NORM_WEIGHT_STD * noise if "norm" in name else WEIGHT_STD * noise)
     return model
+
+
+def hf_logits(model, tokens):
+    """``model``'s logits for ``tokens``, eager and without autograd."""
+    import torch
+
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        return model(tokens).logits
 
 
 def relative_error(ours, theirs) -> float:
@@ -254,6 +270,38 @@ def _recording(base, outputs: dict):
             del module.reference_forward
 
 
+def ignored_by_hf(config, tokens, expected, seed: int = SEED) -> dict:
+    """``{key: value}`` for each key ``config`` sets that its class does not declare and on
+    which transformers' logits do not depend: its model rebuilt without the key, with the
+    same seeded weights, gives ``expected`` bit for bit. The installed transformers cannot
+    express such a value (it hard-codes its own); without the key, the framework's model
+    falls back on its own default, which parity then holds to that hard-coded value."""
+    import torch
+
+    ignored = {}
+    for key in sorted(config.to_dict().keys() - declared_keys(config)):
+        without = copy.deepcopy(config)
+        delattr(without, key)
+        if torch.equal(hf_logits(hf_model(without, seed), tokens), expected):
+            ignored[key] = getattr(config, key)
+    return ignored
+
+
+def _conditions(changed: dict, ignored: dict, model_type: str) -> str:
+    """What the logits were compared under, for the message."""
+    import transformers
+
+    varied = ", ".join(f"{k}={v}" for k, v in changed.items()) or "no knob of VARIED"
+    conditions = f"fp32; config varied: {varied}"
+    if ignored:
+        conditions += (
+            f"; not compared: {', '.join(f'{k}={v}' for k, v in ignored.items())}, set by the "
+            f"config but ignored by transformers {transformers.__version__}'s {model_type} "
+            "(its logits do not change without them), so both models ran without them"
+        )
+    return conditions
+
+
 def _first_divergence(ours: dict, theirs: dict):
     """``(name, relative error)`` of the first probed module, in transformers' order, whose
     outputs differ; None if all that both models ran agree."""
@@ -271,36 +319,52 @@ def _first_divergence(ours: dict, theirs: dict):
 def run_parity(model, model_file=None, seed: int = SEED) -> CheckResult:
     """PTR030 for ``model`` (a model_type, a config path or a config)."""
     import torch
+    import transformers
 
     convert = _converter()
     config = load_config(model)
     changed = vary(config)
     hf = hf_model(config, seed)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(config.vocab_size, (BATCH, SEQ_LEN), generator=generator)
+    hf_out = {}
+    with _recording(hf.base_model, hf_out):
+        expected = hf_logits(hf, tokens)
+    # Both models run on the config as the installed transformers reads it.
+    ignored = ignored_by_hf(config, tokens, expected, seed)
+    for key in ignored:
+        delattr(config, key)
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(f"{tmp}/hf")
         convert.hf2dcp(f"{tmp}/hf", f"{tmp}/canonical")
         ours = model_class(config.model_type, model_file)(config, 1, 0).eval()
         convert.load_canonical(f"{tmp}/canonical", ours)
 
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(config.vocab_size, (BATCH, SEQ_LEN), generator=generator)
-    ours_out, hf_out = {}, {}
+    ours_out = {}
     # Eager: the reference path's math is what is compared (compiled regions are tiers 2
     # and 3's), and CI on CPU cannot afford a compile per model.
-    with torch.no_grad(), _reference_mode(), torch.compiler.set_stance("force_eager"):
-        with _recording(ours, ours_out), _recording(hf.base_model, hf_out):
-            logits = ours(tokens)
-            expected = hf(tokens).logits
+    with (
+        torch.no_grad(),
+        _reference_mode(),
+        torch.compiler.set_stance("force_eager"),
+        _recording(ours, ours_out),
+    ):
+        logits = ours(tokens)
     error = relative_error(logits, expected)
-    varied = ", ".join(f"{k}={v}" for k, v in changed.items()) or "no knob of VARIED"
+    conditions = _conditions(changed, ignored, config.model_type)
     result = CheckResult(
         "PTR030", config.model_type, error < PARITY_TOL, "", worst_diff=error, worst_param="logits"
     )
-    result.details = {"varied": changed, "tokens": [BATCH, SEQ_LEN]}
+    result.details = {
+        "varied": changed,
+        "ignored_by_transformers": ignored,
+        "transformers": transformers.__version__,
+        "tokens": [BATCH, SEQ_LEN],
+    }
     if result.passed:
         result.message = (
             f"reference_forward logits match transformers' {config.model_type}: relative error "
-            f"{error:.1e} < {PARITY_TOL:g} (fp32; config varied: {varied})"
+            f"{error:.1e} < {PARITY_TOL:g} ({conditions})"
         )
     else:
         where = _first_divergence(ours_out, hf_out)
@@ -318,7 +382,7 @@ def run_parity(model, model_file=None, seed: int = SEED) -> CheckResult:
             )
         result.message = (
             f"reference_forward logits differ from transformers' {config.model_type}: "
-            f"relative error {error:.2e} >= {PARITY_TOL:g} (fp32; config varied: {varied}); "
+            f"relative error {error:.2e} >= {PARITY_TOL:g} ({conditions}); "
             f"{place}"
         )
     return result

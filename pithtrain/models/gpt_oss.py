@@ -39,6 +39,9 @@ from pithtrain.operators.token_scatter import padded_index_gather, scatter_for_g
 # transformers configs carry it as swiglu_alpha (read first); this is the fallback for older
 # ones, so it equals the config's value by design.
 SWIGLU_ALPHA = 1.702
+# Clamp of that SwiGLU, also fixed in openai/gpt-oss's code. transformers configs whose class
+# does not declare swiglu_limit (5.17's; its experts hard-code 7.0) may lack it: the fallback.
+SWIGLU_LIMIT = 7.0
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -158,7 +161,7 @@ class GptOssExperts(nn.Module):
         self.hidden_size = config.hidden_size
         self.intermediate_size = config.intermediate_size
         self.alpha = getattr(config, "swiglu_alpha", SWIGLU_ALPHA)
-        self.limit = config.swiglu_limit
+        self.limit = getattr(config, "swiglu_limit", SWIGLU_LIMIT)
         # [E, 2 * I, H]: even rows are the gate projection, odd rows the up projection.
         self.gate_up_proj = nn.Parameter(
             torch.empty(num_experts, 2 * self.intermediate_size, self.hidden_size)

@@ -2,12 +2,14 @@
 its model_type on a config moved off its tiny values; a model with a hard-coded constant
 fails, naming the layer where parity breaks; the command line and the import boundary."""
 
+import copy
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import transformers
 
 from pithlint.ladder import parity
 
@@ -27,6 +29,15 @@ def test_reference_logits_match_hugging_face(model_type):
     assert result.worst_diff < 1e-4
     # Knobs every embedded model has were moved off the tiny config's values.
     assert {"rope_theta", "rms_norm_eps"} <= result.details["varied"].keys()
+
+
+def test_an_undeclared_key_transformers_reads_stays_in_the_comparison():
+    """Qwen3MoeConfig does not declare head_dim, yet its attention reads it (getattr with a
+    fallback): leaving it out would run both models on another head size unnoticed."""
+    assert "head_dim" not in parity.declared_keys(parity.load_config("qwen3_moe"))
+    result = parity.run_parity("qwen3_moe")
+    assert result.passed, result.message
+    assert result.details["ignored_by_transformers"] == {}
 
 
 @pytest.mark.parametrize(
@@ -76,6 +87,52 @@ def test_vary_leaves_a_knob_the_installed_transformers_does_not_declare():
     changed = parity.vary(config)
     assert "swiglu_alpha" not in changed and config.swiglu_alpha == 1.702
     assert changed["swiglu_limit"] == parity.VARIED["swiglu_limit"]
+
+
+SWIGLU_KEYS = {"swiglu_alpha", "swiglu_limit"}
+
+
+@pytest.fixture
+def transformers_5_17_gpt_oss(monkeypatch):
+    """transformers 5.17's gpt_oss on the installed one: GptOssConfig declares no
+    swiglu_alpha/swiglu_limit (a config file's values stay bare attributes, no class default
+    stands in for them) and GptOssExperts hard-code 1.702 and 7.0."""
+    from transformers.models.gpt_oss import configuration_gpt_oss, modeling_gpt_oss
+
+    declared = parity.declared_keys
+    monkeypatch.setattr(parity, "declared_keys", lambda config: declared(config) - SWIGLU_KEYS)
+    for key in SWIGLU_KEYS:
+        monkeypatch.delattr(configuration_gpt_oss.GptOssConfig, key, raising=False)
+    experts = modeling_gpt_oss.GptOssExperts
+    init = experts.__init__
+
+    def hard_coded(self, config):
+        fixed = copy.copy(config)
+        fixed.swiglu_alpha, fixed.swiglu_limit = 1.702, 7.0
+        init(self, fixed)
+
+    monkeypatch.setattr(experts, "__init__", hard_coded)
+
+
+def test_a_key_the_installed_transformers_ignores_is_named_and_left_out(transformers_5_17_gpt_oss):
+    """On a GPU machine with transformers 5.17, PTR030 failed the correct gpt_oss model at
+    layers.0.mlp (relative error 1.08): the tiny config's swiglu_limit=1.5 clamped ours while
+    HF's experts clamped at their hard-coded 7.0. Both models now run without the key."""
+    result = parity.run_parity("gpt_oss")
+    assert result.passed, result.message
+    assert result.details["ignored_by_transformers"] == {"swiglu_alpha": 1.702, "swiglu_limit": 1.5}
+    assert "not compared: swiglu_alpha=1.702, swiglu_limit=1.5" in result.message
+    assert f"transformers {transformers.__version__}'s gpt_oss" in result.message
+
+
+def test_a_fallback_unlike_the_ignored_key_still_fails(transformers_5_17_gpt_oss, monkeypatch):
+    """Leaving the key out holds our model's own fallback to transformers' hard-coded value."""
+    from pithtrain.models import gpt_oss
+
+    monkeypatch.setattr(gpt_oss, "SWIGLU_LIMIT", 1.5)
+    result = parity.run_parity("gpt_oss")
+    assert not result.passed
+    assert result.worst_param == "layers.0.mlp"
 
 
 def test_command_line_writes_results_and_exits_nonzero_on_failure(tmp_path, capsys):
