@@ -34,8 +34,9 @@ installs nothing); they have no result cache except ruff, which runs with --no-c
 "Cold" means an empty result cache, Hugging Face facts included (pithlint/hf.py; a scenario
 marked "HF facts cached" keeps them), not an empty OS page cache. Every tool runs with
 XDG_CACHE_HOME set to a folder of its own, so no user-level cache from outside the benchmark
-(pithlint's fallback for the HF facts is ~/.cache/pithlint/hf) answers a cold run either. Wall time is measured around the
-process (start-up included); cpu is user + system of the process and its children.
+(pithlint's fallback for the HF facts is ~/.cache/pithlint/hf) answers a cold run either.
+Wall time is measured around the process (start-up included); cpu is user + system of the
+process and its children.
 """
 
 from __future__ import annotations

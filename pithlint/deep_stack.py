@@ -80,7 +80,7 @@ def excessive_nesting(source: str) -> tuple[int, int] | None:
     """
     if len(source) < _CHECK_FROM_BYTES and max(map(len, source.splitlines()), default=0) < _LONG_LINE:
         return None
-    from pithlint.analysis import pyast  # the lint's first reader of the tree; not needed before
+    from pithlint.analysis import pyast  # here: a run the result cache answers never parses
 
     try:
         tree = pyast.parse(source)

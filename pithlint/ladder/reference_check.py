@@ -11,8 +11,8 @@ This module imports torch; the runner never imports it, it launches it::
 The model class, the weight initialisation, the 5-stage step, the loss and the data recipe
 are the harness's own (``load_model_class``, ``fill_weights``, ``five_stage_step``,
 ``criterion``, ``record_dtype``, ``SEED``, ``LABEL_SCALE``, the ``Reporter``), imported from
-the harness file, so tier 3 runs exactly the model and the path that tier 4 runs. It writes ``DIR/rank0.progress`` and ``DIR/rank0.json`` like a
-harness rank (format: ``pithlint/ladder/diagnosis.py``), with ``status``, ``losses``,
+the harness file, so tier 3 runs exactly the model and the path that tier 4 runs. It writes
+``DIR/rank0.progress`` and ``DIR/rank0.json`` like a harness rank (format: ``pithlint/ladder/diagnosis.py``), with ``status``, ``losses``,
 ``ref_losses``, ``loss_ok``, ``error``/``traceback`` as there, plus:
 
 ``logits_diff``, ``logits_ok``  ``calc_diff`` of the two paths' logits and whether it is
